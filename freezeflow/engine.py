@@ -1,0 +1,344 @@
+"""The training loop: only trainable stages get gradients, frozen prefixes come from the cache.
+
+`train_model` is a pure-ish core function: model + prepared data + params in, history out. It
+writes only its checkpoint (atomically, every epoch) so that `resume=True` continues bit-exactly
+on CPU. Logging, progress bars, Optuna and MLflow plug in through `callbacks`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from freezeflow.augment import augment_batch
+from freezeflow.checkpoint import load_trusted, save_atomic
+from freezeflow.errors import UserError
+from freezeflow.features import FeatureCache, feature_key, normalize_batch
+from freezeflow.freezing import (FreezePlan, apply_freeze, describe_groups, make_optimizer,
+                                 set_train_mode, sync_optimizer)
+from freezeflow.params import TrainParams
+from freezeflow.schedules import PlateauState, lr_factor
+
+
+@dataclass
+class EpochReport:
+    epoch: int  # 1-based
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lrs: dict[str, float]
+    epoch_time_s: float
+    images_per_s: float
+    data_wait_fraction: float
+    frozen_stages: int
+    from_cache: bool
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochReport]
+    best_epoch: int
+    best_val_accuracy: float
+    train_time_s: float
+    stopped_early: bool
+    feature_builds: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Callback(Protocol):
+    def on_epoch_end(self, report: EpochReport) -> None: ...
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"params/train.yaml: device: {spec!r} asked for, but no CUDA device is available; "
+                        "allowed here: auto, cpu")
+    return torch.device(spec)
+
+
+def resolve_amp(spec: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision only on GPU: bf16 where supported (no loss scaling needed), else fp16."""
+    if device.type != "cuda" or spec == "off":
+        return None
+    if spec == "fp16" or (spec == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def params_fingerprint(params: TrainParams, data_key: str) -> str:
+    """What a checkpoint must match to be resumed (device and compile do not change the maths)."""
+    d = asdict(params)
+    for key in ("device", "compile", "use_best"):
+        d.pop(key, None)
+    return hashlib.sha256(json.dumps([d, data_key], sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Batches:
+    """Where one epoch's inputs come from: raw images (level 0) or cached features (level k)."""
+
+    arrays: Any  # np.ndarray (N, ...) uint8 images, or (V, N, ...) fp16 features
+    rows: np.ndarray  # indices into arrays (dim 0 for images, dim 1 for features)
+    level: int
+    view: int = 0
+
+    def take(self, positions: np.ndarray) -> torch.Tensor:
+        rows = self.rows[positions]
+        block = self.arrays[rows] if self.level == 0 else self.arrays[self.view][rows]
+        return torch.from_numpy(np.ascontiguousarray(block))
+
+
+def prefetch(batches: Batches, order: np.ndarray, batch_size: int, pin: bool) -> Iterator[torch.Tensor]:
+    """Gather the next batch in a thread while the current one trains (numpy releases the GIL)."""
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    q: queue.Queue = queue.Queue(maxsize=2)
+
+    def work() -> None:
+        for chunk in chunks:
+            x = batches.take(chunk)
+            q.put((x.pin_memory() if pin else x, chunk))
+        q.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not None:
+        yield item
+
+
+class Trainer:
+    """State of one training run; `run()` trains from the current epoch to the end."""
+
+    def __init__(self, model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
+                 split: dict[str, np.ndarray], params: TrainParams, plan: FreezePlan,
+                 mean_std: tuple, data_key: str, checkpoint: Path | None,
+                 feature_root: Path | None, callbacks: list | None = None):
+        self.params, self.plan, self.data_key = params, plan, data_key
+        self.device = resolve_device(params.device)
+        self.amp = resolve_amp(params.amp, self.device)
+        self.model = model.to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            if params.channels_last:
+                self.model = self.model.to(memory_format=torch.channels_last)
+        self.images, self.labels, self.split = images, torch.from_numpy(labels), split
+        mean, std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in mean_std)
+        self.normalize = lambda x: normalize_batch(x, mean, std)
+        self.checkpoint, self.callbacks = checkpoint, callbacks or []
+        self.steps_per_epoch = max(1, len(split["train"]) // params.batch_size)
+        self.total_steps = self.steps_per_epoch * params.epochs
+        self.frozen = plan.frozen_count(0, 0.0)
+        apply_freeze(self.model, self.frozen)
+        self.optimizer = make_optimizer(self.model, params.optimizer, params.lr, params.weight_decay,
+                                        params.momentum, plan, self.frozen)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.plateau = PlateauState()
+        self.epoch, self.step, self.history = 0, 0, []
+        self.best: dict = {"epoch": 0, "val_accuracy": -1.0, "state": None}
+        self.cache = self.make_cache(feature_root, params) if self.use_cache(params) else None
+        if params.compile:
+            for stage in self.model.stages:
+                stage.compile()
+
+    def use_cache(self, params: TrainParams) -> bool:
+        deterministic = not params.augment.enabled or params.augment_views > 0
+        if params.cache_features == "on" and not deterministic:
+            raise UserError("params/train.yaml: cache_features: on needs deterministic inputs: set augment_views "
+                            "> 0 (cached augmented views) or augment.enabled: false")
+        return params.cache_features != "off" and deterministic and self.plan.strategy != "none"
+
+    def make_cache(self, root: Path | None, params: TrainParams) -> FeatureCache:
+        def key_fn(k: int) -> str:
+            return f"{self.model.name}-L{k}-" + feature_key(self.data_key, self.model.name, params.weights, k,
+                                                             params.augment, params.augment_views, params.seed)
+
+        return FeatureCache(self.model, self.images, self.split, self.normalize, self.device, key_fn, root,
+                            params.feature_memory_mb, params.augment, params.augment_views, params.seed)
+
+    # ---- one epoch -------------------------------------------------------------------------
+    def epoch_source(self) -> Batches:
+        if self.cache is not None and self.frozen > 0:
+            feats = self.cache.level(self.frozen)
+            view = self.epoch % feats["train"].shape[0]
+            return Batches(feats["train"], np.arange(len(self.split["train"])), self.frozen, view)
+        return Batches(self.images, self.split["train"], 0)
+
+    def update_freezing(self, progress: float) -> None:
+        frozen = self.plan.frozen_count(self.epoch, progress)
+        if frozen != self.frozen:
+            self.frozen = frozen
+            apply_freeze(self.model, frozen)
+            sync_optimizer(self.optimizer, self.model, self.params.lr, self.plan, frozen)
+            set_train_mode(self.model, frozen)
+        if self.cache is not None:
+            self.cache.mark_trained(frozen)
+
+    def set_lrs(self, progress_epochs: float) -> None:
+        factor = lr_factor(self.params, progress_epochs, self.plateau.scale)
+        progress = progress_epochs / self.params.epochs
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * self.plan.lr_factor(group["stage"], progress, factor)
+
+    def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """Frozen stages between the input's level and the trainable part run without autograd."""
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            if level < self.frozen:
+                with torch.no_grad():
+                    for stage in self.model.stages[level:self.frozen]:
+                        x = stage(x)
+            return self.model.forward_from(x, max(level, self.frozen))
+
+    def prepare_input(self, x: torch.Tensor, level: int, gen: torch.Generator) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if level > 0:
+            x = x.float()  # cached fp16 features
+        else:
+            x = self.normalize(x)
+            if self.params.augment.enabled:
+                x = augment_batch(x, self.params.augment, gen)
+        if self.device.type == "cuda" and self.params.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def train_epoch(self) -> tuple[float, float, float, float]:
+        """One pass over the train split. Returns (loss, accuracy, seconds, data-wait seconds)."""
+        torch.manual_seed(self.params.seed * 1_000_003 + self.epoch)  # dropout: same stream on resume
+        gen = torch.Generator().manual_seed(self.params.seed * 1_000_003 + self.epoch)
+        start = time.perf_counter()  # epoch time includes building/extending the feature cache
+        self.update_freezing(self.step / self.total_steps)
+        source = self.epoch_source()
+        set_train_mode(self.model, self.frozen)
+        n = len(self.split["train"])
+        order = torch.randperm(n, generator=gen).numpy()[: self.steps_per_epoch * self.params.batch_size]
+        loss_sum = correct = seen = 0.0
+        wait, t_ready = 0.0, time.perf_counter()
+        for x_cpu, chunk in prefetch(source, order, self.params.batch_size, self.device.type == "cuda"):
+            wait += time.perf_counter() - t_ready
+            if self.plan.strategy == "freezeout":
+                self.update_freezing(self.step / self.total_steps)
+            self.set_lrs(self.step / self.steps_per_epoch)
+            y = self.labels[self.split["train"][chunk]].to(self.device, non_blocking=True)
+            loss, hits = self.train_step(self.prepare_input(x_cpu, source.level, gen), source.level, y)
+            loss_sum, correct, seen = loss_sum + loss * len(y), correct + hits, seen + len(y)
+            self.step += 1
+            t_ready = time.perf_counter()
+        return loss_sum / seen, correct / seen, time.perf_counter() - start, wait
+
+    def train_step(self, x: torch.Tensor, level: int, y: torch.Tensor) -> tuple[float, int]:
+        logits = self.forward(x, level)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.params.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.params.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.params.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item(), int((logits.argmax(1) == y).sum())
+
+    @torch.no_grad()
+    def predict_split(self, name: str) -> torch.Tensor:
+        """Logits (N, classes) for a split, from cached features when the prefix is frozen."""
+        self.model.eval()
+        level = self.frozen if self.cache is not None and self.frozen > 0 else 0
+        arrays = self.cache.level(level)[name] if level else self.images
+        rows = np.arange(len(self.split[name])) if level else self.split[name]
+        batches = Batches(arrays, rows, level)
+        out = []
+        for x_cpu, _ in prefetch(batches, np.arange(len(rows)), 512, self.device.type == "cuda"):
+            x = x_cpu.to(self.device).float() if level else self.normalize(x_cpu.to(self.device))
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                out.append(self.model.forward_from(x, level).float().cpu())
+        return torch.cat(out)
+
+    def validate(self) -> tuple[float, float]:
+        logits = self.predict_split("val")
+        y = self.labels[self.split["val"]]
+        return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+    # ---- the run -----------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        stopped_early = False
+        while self.epoch < self.params.epochs:
+            loss, acc, seconds, wait = self.train_epoch()
+            val_loss, val_acc = self.validate()
+            self.plateau.update(val_loss, self.params)
+            self.epoch += 1
+            report = EpochReport(self.epoch, loss, acc, val_loss, val_acc,
+                                 describe_groups(self.optimizer, self.model.stage_names), seconds,
+                                 self.steps_per_epoch * self.params.batch_size / seconds, wait / seconds,
+                                 self.frozen, self.cache is not None and self.frozen > 0)
+            self.history.append(report)
+            if val_acc > self.best["val_accuracy"]:
+                self.best = {"epoch": self.epoch, "val_accuracy": val_acc,
+                             "state": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
+            self.save_checkpoint()
+            for cb in self.callbacks:
+                cb.on_epoch_end(report)
+            if self.params.early_stopping and self.epoch - self.best["epoch"] >= self.params.early_stopping:
+                stopped_early = True
+                break
+        return TrainResult(self.history, self.best["epoch"], self.best["val_accuracy"],
+                           sum(r.epoch_time_s for r in self.history), stopped_early,
+                           self.cache.builds if self.cache else 0)
+
+    def restore_best(self) -> None:
+        if self.best["state"] is not None:
+            self.model.load_state_dict(self.best["state"])
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "version": 1,
+            "fingerprint": params_fingerprint(self.params, self.data_key),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "plateau": self.plateau.state_dict(),
+            "epoch": self.epoch, "step": self.step, "frozen": self.frozen,
+            "trained_from": self.cache.trained_from if self.cache else None,
+            "history": [asdict(r) for r in self.history],
+            "best": self.best,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint is not None:
+            save_atomic(self.state_dict(), self.checkpoint)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = load_trusted(path)
+        if state.get("fingerprint") != params_fingerprint(self.params, self.data_key):
+            raise UserError(f"{path}: checkpoint was written with other params or data; run without --resume "
+                            "to start over (the old checkpoint is then replaced)")
+        self.model.load_state_dict(state["model"])
+        self.frozen = state["frozen"]
+        apply_freeze(self.model, self.frozen)
+        # rebuild groups exactly as they were (head first, downwards), then load their state
+        self.optimizer = make_optimizer(self.model, self.params.optimizer, self.params.lr,
+                                        self.params.weight_decay, self.params.momentum, self.plan, self.frozen)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.plateau.load_state_dict(state["plateau"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        if self.cache is not None and state["trained_from"] is not None:
+            self.cache.mark_trained(state["trained_from"])
+        self.history = [EpochReport(**r) for r in state["history"]]
+        self.best = state["best"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+

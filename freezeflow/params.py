@@ -1,0 +1,316 @@
+"""Params: one frozen dataclass per file under params/, built from YAML with unknown keys rejected.
+
+`load_params(params_dir, ["train.lr=0.01"])` reads data.yaml, train.yaml, tune.yaml and
+evaluate.yaml, applies `-S file.key=value` overrides and validates every value. Every failure is
+a ParamsError naming the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from freezeflow.errors import ParamsError
+
+BACKBONES = (
+    "efficientnet_lite0",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "convnext_tiny",
+)
+STRATEGIES = ("none", "head", "until", "gradual", "freezeout")
+SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau", "exponential")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def choice(default: Any, choices: tuple, doc: str = "") -> Any:
+    return field(default=default, metadata={"choices": choices, "doc": doc})
+
+
+def bounded(default: Any, lo: float | None = None, hi: float | None = None, doc: str = "",
+            lo_open: bool = False) -> Any:
+    return field(default=default, metadata={"min": lo, "max": hi, "lo_open": lo_open, "doc": doc})
+
+
+def documented(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    val: float = bounded(0.15, 0.0, 0.5, "fraction of each class held out for validation", lo_open=True)
+    test: float = bounded(0.15, 0.0, 0.5, "fraction of each class held out for the final test", lo_open=True)
+    seed: int = bounded(0, 0, None, "seed of the stratified split")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    dir: str = documented("data/digits", "dataset folder in ImageFolder layout (one subfolder per class)")
+    image_size: int = bounded(64, 16, 1024, "side in pixels images are resized to, once, by prepare")
+    split: SplitParams = field(default_factory=SplitParams)
+    max_pixels: int = bounded(40_000_000, 1, None, "larger images are rejected as decompression bombs")
+    min_side: int = bounded(16, 1, None, "images with a smaller side are rejected as too small")
+    imbalance_warn: float = bounded(10.0, 1.0, None, "warn when largest/smallest class exceeds this")
+
+
+@dataclass(frozen=True)
+class FreezeParams:
+    strategy: str = choice("head", STRATEGIES, "which stages train (see README: Freezing)")
+    until: int = bounded(3, 0, None, "`until`: stages 0..until-1 are frozen")
+    head_epochs: int = bounded(1, 0, None, "`gradual`: epochs with only the head training")
+    every: int = bounded(1, 1, None, "`gradual`: epochs between unfreezing one more stage")
+    lr_decay: float = bounded(0.5, 0.0, 1.0, "`gradual`: lr factor per stage below the top", lo_open=True)
+    t0: float = bounded(0.8, 0.0, 1.0, "`freezeout`: fraction of training when stage 0 freezes", lo_open=True)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    enabled: bool = documented(False, "augment training images (on tensors, on the GPU if any)")
+    crop_scale: float = bounded(0.7, 0.05, 1.0, "random resized crop: smallest area fraction")
+    flip: bool = documented(True, "random horizontal flip")
+    rotate: float = bounded(10.0, 0.0, 180.0, "random rotation, at most this many degrees")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    backbone: str = choice("efficientnet_lite0", BACKBONES, "pretrained backbone")
+    weights: str = documented("default", "`default` (ImageNet), `none`, a torchvision enum name or a .pth file")
+    epochs: int = bounded(10, 1, 10_000, "training epochs")
+    batch_size: int = bounded(64, 1, 65_536, "images per step")
+    lr: float = bounded(0.003, 0.0, 10.0, "peak learning rate of the head", lo_open=True)
+    optimizer: str = choice("adamw", OPTIMIZERS, "optimizer over trainable params only")
+    momentum: float = bounded(0.9, 0.0, 1.0, "SGD momentum")
+    weight_decay: float = bounded(0.0001, 0.0, 1.0, "decoupled weight decay")
+    schedule: str = choice("cosine", SCHEDULES, "learning-rate schedule")
+    warmup_epochs: float = bounded(0.0, 0.0, None, "linear warmup before the schedule")
+    step_size: int = bounded(3, 1, None, "`step`: epochs between lr drops")
+    gamma: float = bounded(0.1, 0.0, 1.0, "`step`/`exponential`: lr factor", lo_open=True)
+    plateau_patience: int = bounded(2, 0, None, "`plateau`: epochs without improvement")
+    plateau_factor: float = bounded(0.5, 0.0, 1.0, "`plateau`: lr factor", lo_open=True)
+    label_smoothing: float = bounded(0.0, 0.0, 0.5, "cross-entropy label smoothing")
+    grad_clip: float = bounded(0.0, 0.0, None, "max gradient norm, 0 = off")
+    early_stopping: int = bounded(0, 0, None, "stop after this many epochs without val gain, 0 = off")
+    seed: int = bounded(0, 0, None, "seed of init, shuffling and augmentation")
+    device: str = documented("auto", "`auto`, `cpu`, `cuda` or `cuda:N`")
+    amp: str = choice("auto", ("auto", "off", "bf16", "fp16"), "mixed precision (GPU only)")
+    channels_last: bool = documented(True, "channels_last memory format on GPU")
+    compile: bool = documented(False, "torch.compile the trainable part")
+    cache_features: str = choice("auto", ("auto", "on", "off"), "cache the frozen prefix's output")
+    augment_views: int = bounded(0, 0, 64, "augmented views per image in the feature cache")
+    feature_memory_mb: int = bounded(2048, 0, None, "feature caches larger than this are memory-mapped")
+    freeze: FreezeParams = field(default_factory=FreezeParams)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    use_best: bool = documented(False, "overlay params/best.yaml (written by tune) on these params")
+
+
+@dataclass(frozen=True)
+class TuneParams:
+    n_trials: int = bounded(12, 1, None, "trials in the study")
+    epochs: int = bounded(5, 1, None, "epochs per trial")
+    storage: str = documented("", "Optuna storage URL; empty = sqlite file under the project")
+    study_name: str = documented("freezeflow", "study name (workers with the same name share it)")
+    seed: int = bounded(0, 0, None, "TPE sampler seed")
+    pruner: str = choice("median", ("median", "hyperband", "none"), "early pruning of bad trials")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    split: str = choice("test", ("val", "test"), "split the model is evaluated on")
+    batch_size: int = bounded(256, 1, None, "images per inference batch")
+
+
+FILES: dict[str, type] = {
+    "data": DataParams,
+    "train": TrainParams,
+    "tune": TuneParams,
+    "evaluate": EvaluateParams,
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    tune: TuneParams = field(default_factory=TuneParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping with the safe loader; any problem is a ParamsError naming the file."""
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.exists() else {}
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        if "python/" in str(exc):
+            problem = "unsafe YAML tag (only plain values are allowed)"
+        raise ParamsError(str(path), "", problem) from None
+    except OSError as exc:
+        raise ParamsError(str(path), "", exc.strerror or str(exc)) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ParamsError(str(path), "", "must be a mapping of key: value")
+    return raw
+
+
+def load_params(params_dir: Path | str = "params", overrides: list[str] | tuple = ()) -> Params:
+    """Read params/*.yaml, apply `file.key=value` overrides, validate, return frozen Params."""
+    params_dir = Path(params_dir)
+    raw = {name: read_yaml(params_dir / f"{name}.yaml") for name in FILES}
+    for item in overrides:
+        name, keys, value = parse_override(item)
+        set_nested(raw[name], keys, value)
+    if raw["train"].get("use_best"):
+        best = read_yaml(params_dir / "best.yaml")
+        for key, value in flatten(best).items():
+            set_nested(raw["train"], key.split("."), value)
+    built = {name: build(cls, raw[name], str(params_dir / f"{name}.yaml"), "") for name, cls in FILES.items()}
+    params = Params(**built)
+    check_consistency(params, params_dir)
+    return params
+
+
+def parse_override(item: str) -> tuple[str, list[str], Any]:
+    if "=" not in item:
+        raise ParamsError("-S", item, "expected file.key=value, e.g. train.lr=0.001")
+    path, text = item.split("=", 1)
+    parts = path.strip().split(".")
+    if parts[0] not in FILES or len(parts) < 2:
+        raise ParamsError("-S", path, f"the part before the first dot must be one of {', '.join(FILES)}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return parts[0], parts[1:], value
+
+
+def set_nested(tree: dict, keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        node = tree.setdefault(key, {})
+        if not isinstance(node, dict):
+            node = tree[key] = {}
+        tree = node
+    tree[keys[-1]] = value
+
+
+def build(cls: type, raw: Any, file: str, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and bad values."""
+    if not isinstance(raw, dict):
+        raise ParamsError(file, prefix.rstrip("."), "must be a mapping of key: value")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise ParamsError(file, prefix + str(key), f"unknown key; allowed: {', '.join(fields)}")
+    values = {}
+    for name, spec in fields.items():
+        if name not in raw:
+            continue
+        key = prefix + name
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = build(hints[name], raw[name], file, key + ".")
+        else:
+            values[name] = check_value(raw[name], hints[name], spec.metadata, file, key)
+    return cls(**values)
+
+
+def check_value(value: Any, kind: Any, meta: typing.Mapping, file: str, key: str) -> Any:
+    value = coerce(value, kind, file, key)
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ParamsError(file, key, f"{value!r} is not allowed; allowed: {', '.join(map(str, choices))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        op = ">" if meta.get("lo_open") else ">="
+        raise ParamsError(file, key, f"{value!r} is out of range; allowed: {op} {lo}" + (f" and <= {hi}" if hi is not None else ""))
+    if hi is not None and value > hi:
+        raise ParamsError(file, key, f"{value!r} is out of range; allowed: <= {hi}")
+    return value
+
+
+def coerce(value: Any, kind: Any, file: str, key: str) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ParamsError(file, key, f"{value!r} is not allowed; allowed: true, false")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ParamsError(file, key, f"{value!r} is not allowed; allowed: an integer")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ParamsError(file, key, f"{value!r} is not allowed; allowed: a number")
+    if kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ParamsError(file, key, f"{value!r} is not allowed; allowed: a string")
+    if isinstance(kind, types.UnionType):
+        return value
+    raise TypeError(f"unsupported params type {kind}")
+
+
+def check_consistency(params: Params, params_dir: Path) -> None:
+    """Rules that involve two keys at once."""
+    split = params.data.split
+    if split.val + split.test >= 0.9:
+        raise ParamsError(str(params_dir / "data.yaml"), "split", "val + test must leave at least 10% for training")
+    train = params.train
+    if train.augment_views and not train.augment.enabled:
+        raise ParamsError(str(params_dir / "train.yaml"), "augment_views",
+                          "needs augment.enabled: true (views of what?)")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'freeze': {'strategy': 'head'}} -> {'freeze.strategy': 'head'}; dataclasses too."""
+    if dataclasses.is_dataclass(tree):
+        tree = dataclasses.asdict(tree)
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def to_dict(params: Any) -> dict:
+    return dataclasses.asdict(params)
+
+
+def dump_params(params: Params, path: Path) -> None:
+    """Write resolved params next to outputs (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(params), sort_keys=False))
+    tmp.replace(path)
+
+
+def iter_docs(cls: type, prefix: str = ""):
+    """(key, default, allowed, doc) for each field: feeds the README's params reference."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from iter_docs(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        meta = f.metadata
+        allowed = ", ".join(map(str, meta["choices"])) if meta.get("choices") else ""
+        if meta.get("min") is not None or meta.get("max") is not None:
+            lo = meta.get("min")
+            allowed = f"{'>' if meta.get('lo_open') else '>='} {lo}" if lo is not None else ""
+            if meta.get("max") is not None:
+                allowed += f"{' and ' if allowed else ''}<= {meta['max']}"
+        yield prefix + f.name, f.default, allowed or hints[f.name].__name__, meta.get("doc", "")

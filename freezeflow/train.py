@@ -1,0 +1,151 @@
+"""train: prepared data + params -> trained model, metrics and history. Core only (no MLflow/Prefect).
+
+`run_training` is what `freezeflow train`, the DVC `train` stage and the Prefect `train` task call.
+`python -m freezeflow.train -S train.epochs=3` runs it on a bare GPU box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from freezeflow.backbones import build_backbone, min_image_size, normalization
+from freezeflow.engine import Trainer, TrainResult
+from freezeflow.errors import ParamsError, UserError
+from freezeflow.freezing import FreezePlan
+from freezeflow.metrics import summarize_predictions
+from freezeflow.modelio import ModelInfo, save_model
+from freezeflow.params import Params, dump_params, load_params
+from freezeflow.prepare import Prepared, prepare_dataset, write_json_atomic
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each step reads and writes, relative to the project root (one place, not repeated)."""
+
+    root: Path
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "prepared"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "cache" / "features"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoints" / "last.pt"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+
+def check_image_size(params: Params) -> None:
+    smallest = min_image_size(params.train.backbone)
+    if params.data.image_size < smallest:
+        raise ParamsError("params/data.yaml", "image_size", f"{params.data.image_size} is too small for "
+                          f"{params.train.backbone}; allowed: >= {smallest}")
+
+
+def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks: list) -> Trainer:
+    """Model with a fresh head for the dataset's classes, freezing plan, optimizer, cache."""
+    check_image_size(params)
+    torch.manual_seed(params.train.seed)  # the new head's init
+    model = build_backbone(params.train.backbone, params.train.weights, num_classes=len(prepared.classes))
+    plan = FreezePlan.from_params(params.train.freeze, len(model.stages), params.train.backbone)
+    return Trainer(model, prepared.images, prepared.labels, prepared.split, params.train, plan,
+                   normalization(params.train.backbone), prepared.key, layout.checkpoint, layout.features,
+                   callbacks)
+
+
+def run_training(params: Params, root: Path = Path("."), resume: bool = False, callbacks: list | None = None,
+                 progress=None) -> dict:
+    """Prepare (or reuse) the data, train, evaluate on val and test, write model + reports."""
+    layout = Layout(Path(root))
+    data_params = params.data
+    if not Path(data_params.dir).is_absolute():
+        data_params = replace(data_params, dir=str(layout.root / data_params.dir))
+    prepared = prepare_dataset(data_params, layout.prepared, progress)
+    trainer = build_trainer(params, prepared, layout, callbacks or [])
+    if resume:
+        if not layout.checkpoint.exists():
+            raise UserError(f"{layout.checkpoint}: no checkpoint to resume from; run without --resume")
+        trainer.load_checkpoint(layout.checkpoint)
+    result = trainer.run()
+    trainer.restore_best()
+    test_logits = trainer.predict_split("test")
+    y_test = prepared.labels[prepared.split["test"]]
+    test = summarize_predictions(y_test, test_logits.argmax(1).numpy(), prepared.classes)
+    metrics = summarize_run(result, test["accuracy"], params, prepared)
+    write_outputs(trainer, prepared, params, metrics, result, layout)
+    return metrics
+
+
+def summarize_run(result: TrainResult, test_accuracy: float, params: Params, prepared: Prepared) -> dict:
+    hist = result.history
+    best = hist[result.best_epoch - 1] if result.best_epoch else hist[-1]
+    images = sum(r.images_per_s * r.epoch_time_s for r in hist)
+    return {
+        "val_accuracy": best.val_accuracy,
+        "val_loss": best.val_loss,
+        "test_accuracy": test_accuracy,
+        "epochs": len(hist),
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "epoch_time_s": [round(r.epoch_time_s, 4) for r in hist],
+        "train_time_s": round(result.train_time_s, 4),
+        "images_per_s": round(images / max(result.train_time_s, 1e-9), 2),
+        "data_wait_fraction": round(float(np.mean([r.data_wait_fraction for r in hist])), 4),
+        "feature_cache": any(r.from_cache for r in hist),
+        "backbone": params.train.backbone,
+        "strategy": params.train.freeze.strategy,
+        "dataset": prepared.name,
+        "data_hash": prepared.data_hash,
+        "classes": len(prepared.classes),
+    }
+
+
+def write_outputs(trainer: Trainer, prepared: Prepared, params: Params, metrics: dict, result: TrainResult,
+                  layout: Layout) -> None:
+    mean, std = normalization(params.train.backbone)
+    info = ModelInfo(params.train.backbone, prepared.classes, prepared.image_size, mean, std, prepared.data_hash)
+    save_model(trainer.model, info, layout.models)
+    dump_params(params, layout.models / "params.yaml")
+    write_json_atomic(layout.reports / "metrics.json", metrics)
+    history = [{k: v for k, v in asdict(r).items() if k != "lrs"} | {f"{k}": v for k, v in r.lrs.items()}
+               for r in result.history]
+    write_json_atomic(layout.reports / "history.json", {"history": history})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Bare-box entry point: python -m freezeflow.train [-S file.key=value ...] [--resume]."""
+    parser = argparse.ArgumentParser(prog="python -m freezeflow.train", description=__doc__)
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="FILE.KEY=VALUE")
+    parser.add_argument("--params", default="params")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params, args.set)
+        metrics = run_training(params, Path(os.getcwd()), resume=args.resume)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps({k: metrics[k] for k in ("val_accuracy", "test_accuracy", "train_time_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
