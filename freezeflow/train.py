@@ -127,7 +127,7 @@ def write_outputs(trainer: Trainer, prepared: Prepared, params: Params, metrics:
     write_json_atomic(layout.reports / "metrics.json", metrics)
     history = [{k: v for k, v in asdict(r).items() if k != "lrs"} | {f"{k}": v for k, v in r.lrs.items()}
                for r in result.history]
-    write_json_atomic(layout.reports / "history.json", {"history": history})
+    write_json_atomic(layout.reports / "history.json", history)  # a list of rows: what `dvc plots` reads
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,40 @@
+# freezeflow: `make run` trains on the default data, `make test` runs the whole suite.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FF := $(VENV)/bin/freezeflow
+STAMP := $(VENV)/.installed
+PYTHON ?= python3
+# pip on this machine lists local mirrors that may be absent; drop that noise, keep real errors
+PIPQ := 2>&1 | grep -v "is ignored: it is neither" || true
+
+.PHONY: run test test-fast install data bench clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.lock $(PIPQ)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . $(PIPQ)
+	$(PY) -c "import freezeflow.cli, torch, torchvision, prefect, mlflow, optuna, dvc"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data: $(STAMP)
+	$(FF) data digits
+
+run: $(STAMP) data
+	$(FF) pipeline
+	@echo "results: reports/metrics.json reports/eval.json models/ ; runs: $(FF) ui  (MLflow on http://127.0.0.1:5000)"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP) data
+	$(FF) bench
+
+clean:
+	rm -rf prepared cache checkpoints models reports/*.json

@@ -1,0 +1,209 @@
+"""The `freezeflow` command line: a thin adapter over the core functions (typer + rich).
+
+Every error a user can cause prints one line and exits 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from freezeflow.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="freezeflow: fast, repeatable CNN transfer learning (DVC + Prefect + MLflow + Optuna).")
+data_app = typer.Typer(no_args_is_help=True, help="Materialize bundled datasets.")
+app.add_typer(data_app, name="data")
+
+STATE = {"debug": False}
+SET_HELP = "Override a param: FILE.KEY=VALUE, e.g. -S train.lr=0.001 -S data.image_size=96 (repeatable)."
+ROOT = Path(".")
+
+
+def echo(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+@app.callback()
+def main_options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    STATE["debug"] = debug
+
+
+def load(sets: list[str] | None, params_dir: str = "params"):
+    from freezeflow.params import load_params
+
+    return load_params(ROOT / params_dir, sets or [])
+
+
+def make_progress(label: str):
+    """Progress as a rich bar on a terminal, else a line every 10% (CI logs stay readable)."""
+    from freezeflow.progress import progress_printer
+
+    return progress_printer(label)
+
+
+@data_app.command("digits")
+def data_digits(dest: Path = typer.Option(Path("data/digits"), help="Where to write the ImageFolder tree."),
+                track: bool = typer.Option(True, help="`dvc add data` afterwards (updates data.dvc).")) -> None:
+    """Write scikit-learn's 1,797 handwritten digits as PNGs (byte-identical everywhere).
+
+    Example: freezeflow data digits
+    """
+    from freezeflow.datasets import write_digits
+    from freezeflow.dvcops import track_data
+
+    info = write_digits(ROOT / dest)
+    echo(f"digits: {info['images']} images, {info['classes']} classes in {dest} ({info['written']} written)")
+    if track and dest.parts[0] == "data":
+        digest = track_data(ROOT, "data")
+        if digest:
+            echo(f"data.dvc: md5 {digest}")
+
+
+@app.command()
+def ingest(src: Path = typer.Argument(..., help="Folder with one subfolder per class."),
+           name: Optional[str] = typer.Option(None, help="Dataset name (default: the folder's name)."),
+           sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=SET_HELP),
+           track: bool = typer.Option(True, help="`dvc add data` afterwards (updates data.dvc).")) -> None:
+    """Check, clean and bring a user's ImageFolder under data/NAME (bad files to quarantine/NAME).
+
+    Example: freezeflow ingest ~/photos/defects --name defects
+    """
+    from freezeflow.datasets import ingest_folder
+    from freezeflow.dvcops import track_data
+    from freezeflow.prepare import write_json_atomic
+
+    params = load(sets).data
+    name = name or src.resolve().name
+    report = ingest_folder(src, ROOT / "data" / name, ROOT / "quarantine" / name, params.max_pixels,
+                           params.min_side, params.imbalance_warn, make_progress(f"ingest {name}"))
+    write_json_atomic(ROOT / "reports" / "ingest.json", report.to_dict())
+    for cls, count in report.classes.items():
+        echo(f"  {cls}: {count} images")
+    for reason, count in report.rejected_by_reason.items():
+        echo(f"  rejected ({reason}): {count}  -> quarantine/{name}")
+    for warning in report.warnings:
+        echo(f"warning: {warning}")
+    if track:
+        track_data(ROOT, "data")
+    echo(f"ingested into data/{name}; report: reports/ingest.json; train with -S data.dir=data/{name}")
+
+
+@app.command()
+def prepare(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=SET_HELP)) -> None:
+    """Decode and resize every image once into the memory-mapped cache (prepared/).
+
+    Example: freezeflow prepare -S data.image_size=96
+    """
+    from freezeflow.pipeline import prepare_step
+
+    prepared = prepare_step(load(sets), ROOT, make_progress("prepare"))
+    echo(f"prepared {len(prepared.labels)} images of {len(prepared.classes)} classes at "
+         f"{prepared.image_size}px -> {prepared.root}")
+
+
+@app.command()
+def train(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=SET_HELP),
+          resume: bool = typer.Option(False, "--resume", help="Continue from checkpoints/last.pt."),
+          track: bool = typer.Option(True, help="Log the run to MLflow."),
+          allow_dirty_data: bool = typer.Option(False, help="Train even if data/ differs from data.dvc.")) -> None:
+    """Fine-tune a pretrained backbone with the configured freezing; writes models/ and reports/.
+
+    Example: freezeflow train -S train.freeze.strategy=until -S train.freeze.until=4 -S train.epochs=5
+    """
+    from freezeflow.pipeline import train_step
+
+    metrics = train_step(load(sets), ROOT, resume=resume, track=track, allow_dirty_data=allow_dirty_data)
+    echo(f"val_accuracy {metrics['val_accuracy']:.4f}  test_accuracy {metrics['test_accuracy']:.4f}  "
+         f"train_time {metrics['train_time_s']:.1f}s  -> models/, reports/metrics.json")
+
+
+@app.command()
+def evaluate(model: Optional[str] = typer.Option(None, help="models:/NAME@alias, a run id, or a folder."),
+             sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=SET_HELP)) -> None:
+    """Score a trained model on the test split: reports/eval.json (accuracy, macro-F1, per class).
+
+    Example: freezeflow evaluate --model models:/digits@champion
+    """
+    from freezeflow.pipeline import evaluate_step
+
+    report = evaluate_step(load(sets), ROOT, model)
+    echo(f"{report['split']} accuracy {report['accuracy']:.4f}  macro_f1 {report['macro_f1']:.4f} "
+         "-> reports/eval.json")
+
+
+@app.command()
+def predict(paths: List[Path] = typer.Argument(..., help="Image files or folders."),
+            model: Optional[str] = typer.Option(None, help="models:/NAME@champion, a run id, or a folder."),
+            as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
+    """Print label and probability per image; a bad image gets its own error line.
+
+    Example: freezeflow predict photo1.jpg photos/ --model models:/digits@champion --json
+    """
+    from freezeflow.pipeline import predict_step
+
+    for row in predict_step(ROOT, paths, model):
+        if as_json:
+            typer.echo(json.dumps(row))
+        elif "error" in row:
+            typer.echo(f"{row['file']}\terror: {row['error']}")
+        else:
+            typer.echo(f"{row['file']}\t{row['label']}\t{row['probability']:.4f}")
+
+
+@app.command()
+def pipeline(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=SET_HELP),
+             tune: bool = typer.Option(False, help="Run the Optuna study before training."),
+             allow_dirty_data: bool = typer.Option(False, help="Train even if data/ differs from data.dvc.")) -> None:
+    """Run the Prefect flow: check_data -> prepare -> (tune) -> train -> evaluate -> register.
+
+    Example: freezeflow pipeline -S train.epochs=5
+    """
+    from flows.training import training_pipeline
+
+    result = training_pipeline(params_dir=str(ROOT / "params"), overrides=list(sets or []), tune=tune,
+                               allow_dirty_data=allow_dirty_data, root=str(ROOT.resolve()))
+    echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1")) -> None:
+    """Start the MLflow UI over the project's tracking store (127.0.0.1 unless --host).
+
+    Example: freezeflow ui --port 5000
+    """
+    from freezeflow.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(ROOT.resolve())
+    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                               "--host", host, "--port", str(port)])
+
+
+def main() -> None:
+    """Console-script entry: one line per user error, exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        if STATE["debug"]:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors come as click.exceptions.UsageError
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The pipeline's steps as plain functions: the CLI, the DVC stages and the Prefect tasks all call these.
+
+This is an adapter layer (it may use DVC and MLflow); the core it calls stays framework-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from freezeflow.errors import UserError
+from freezeflow.params import Params
+
+
+def resolve_data_params(params: Params, root: Path) -> Params:
+    """Relative data.dir is relative to the project root, wherever the command runs from."""
+    data_dir = Path(params.data.dir)
+    if data_dir.is_absolute():
+        return params
+    return replace(params, data=replace(params.data, dir=str((root / data_dir).resolve())))
+
+
+def check_data(params: Params, root: Path, allow_dirty: bool = False) -> dict:
+    """Refuse data that differs from data.dvc (unless allowed); pull it when it is missing."""
+    from freezeflow.dvcops import data_status, is_dvc_repo, pull_data, read_dvc_hash
+
+    data_dir = (root / params.data.dir).resolve()
+    dvc_file = root / "data.dvc"
+    inside = (root / "data").resolve() in (data_dir, *data_dir.parents)
+    if not (is_dvc_repo(root) and dvc_file.exists() and inside):
+        return {"tracked": False, "dvc_hash": None}
+    if not data_dir.exists():
+        pull_data(root)
+    status = data_status(root)
+    if status and not allow_dirty:
+        raise UserError(f"{params.data.dir}: data differs from data.dvc ({describe_status(status)}); run "
+                        "`dvc add data` to version the change, `dvc checkout` to restore, or pass --allow-dirty-data")
+    return {"tracked": True, "dvc_hash": read_dvc_hash(dvc_file), "dirty": bool(status)}
+
+
+def describe_status(status: dict) -> str:
+    for entries in status.values():
+        for entry in entries:
+            if isinstance(entry, dict):
+                for kind, change in entry.items():
+                    return f"{kind}: {change}"
+    return "modified"
+
+
+def prepare_step(params: Params, root: Path, progress: Callable | None = None):
+    from freezeflow.prepare import prepare_dataset
+
+    params = resolve_data_params(params, root)
+    return prepare_dataset(params.data, root / "prepared", progress)
+
+
+def train_step(params: Params, root: Path, resume: bool = False, track: bool = True,
+               allow_dirty_data: bool = False, run_name: str | None = None, tags: dict | None = None,
+               callbacks: list | None = None) -> dict:
+    """check data -> train (prepares first if needed) -> metrics; logged to MLflow when `track`."""
+    data_info = check_data(params, root, allow_dirty_data)
+    params = resolve_data_params(params, root)
+    if not track:
+        from freezeflow.train import run_training
+
+        return run_training(params, root, resume=resume, callbacks=callbacks)
+    from freezeflow.tracking import tracked_training
+
+    extra = dict(tags or {})
+    if data_info.get("dvc_hash"):
+        extra["dvc_data_md5"] = data_info["dvc_hash"]
+    return tracked_training(params, root, resume=resume, run_name=run_name, extra_tags=extra,
+                            callbacks=callbacks or [])
+
+
+def evaluate_step(params: Params, root: Path, model_uri: str | None = None) -> dict:
+    from freezeflow.evaluate import evaluate_model, write_eval
+
+    prepared = prepare_step(params, root)
+    if model_uri:
+        from freezeflow.tracking import load_registered
+
+        model, info = load_registered(model_uri)
+        report = evaluate_model((model, info), prepared, params.evaluate.split, params.evaluate.batch_size)
+    else:
+        report = evaluate_model(root / "models", prepared, params.evaluate.split, params.evaluate.batch_size)
+    write_eval(report, root / "reports" / "eval.json")
+    return report
+
+
+def predict_step(root: Path, paths: list[Path], model_uri: str | None = None) -> list[dict]:
+    from freezeflow.modelio import load_model
+    from freezeflow.predict import predict_files
+
+    if model_uri:
+        from freezeflow.tracking import load_registered
+
+        model, info = load_registered(model_uri)
+    else:
+        model, info = load_model(root / "models")
+    return predict_files(model, info, [Path(p) for p in paths])
