@@ -85,6 +85,8 @@ class FeatureCache:
     def compute(self, name: str, k: int) -> np.ndarray:
         """(V, N, ...) fp16 on the CPU: run images of split `name` through stages 0..k-1."""
         self.builds += 1
+        for stage in self.model.stages[:k]:
+            stage.eval()  # frozen stages: running statistics, never batch statistics
         idx = self.split[name]
         out: torch.Tensor | None = None
         for view in range(self.views_for(name)):
@@ -105,6 +107,8 @@ class FeatureCache:
     def extend(self, feats: dict[str, np.ndarray], k0: int, k: int) -> dict[str, np.ndarray]:
         """Apply stages k0..k-1 to cached level-k0 features (no image is touched)."""
         self.builds += 1
+        for stage in self.model.stages[k0:k]:
+            stage.eval()
         out = {}
         for name, src in feats.items():
             chunks = []

@@ -226,8 +226,10 @@ def build(cls: type, raw: Any, file: str, prefix: str) -> Any:
 
 
 def check_value(value: Any, kind: Any, meta: typing.Mapping, file: str, key: str) -> Any:
-    value = coerce(value, kind, file, key)
     choices = meta.get("choices")
+    if kind is str and isinstance(value, bool) and choices:
+        value = {True: "on", False: "off"}[value]  # YAML 1.1 reads a bare on/off as a boolean
+    value = coerce(value, kind, file, key)
     if choices and value not in choices:
         raise ParamsError(file, key, f"{value!r} is not allowed; allowed: {', '.join(map(str, choices))}")
     lo, hi = meta.get("min"), meta.get("max")
