@@ -163,8 +163,10 @@ class Trainer:
             return f"{self.model.name}-L{k}-" + feature_key(self.data_key, self.model.name, params.weights, k,
                                                              params.augment, params.augment_views, params.seed)
 
+        run_root = self.checkpoint.parent / "run-features" if self.checkpoint else None
         return FeatureCache(self.model, self.images, self.split, self.normalize, self.device, key_fn, root,
-                            params.feature_memory_mb, params.augment, params.augment_views, params.seed)
+                            params.feature_memory_mb, params.augment, params.augment_views, params.seed,
+                            run_root=run_root)
 
     # ---- one epoch -------------------------------------------------------------------------
     def epoch_source(self) -> Batches:
@@ -271,6 +273,8 @@ class Trainer:
     # ---- the run -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
         stopped_early = False
+        if self.epoch == 0 and self.cache is not None:
+            self.cache.reset_run_local()
         while self.epoch < self.params.epochs:
             loss, acc, seconds, wait = self.train_epoch()
             val_loss, val_acc = self.validate()

@@ -50,11 +50,13 @@ class FeatureCache:
     def __init__(self, model: torch.nn.Module, images: np.ndarray, split: dict[str, np.ndarray],
                  normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
                  key_fn: Callable[[int], str], root: Path | None, memory_mb: int,
-                 augment: AugmentParams | None, views: int, seed: int, batch_size: int = 256):
+                 augment: AugmentParams | None, views: int, seed: int, batch_size: int = 256,
+                 run_root: Path | None = None):
         self.model, self.images, self.split = model, images, split
         self.normalize, self.device, self.key_fn = normalize, device, key_fn
         self.root, self.memory_bytes = root, memory_mb * 2**20
         self.augment, self.views, self.seed, self.batch_size = augment, views, seed, batch_size
+        self.run_root = run_root  # where run-local (trained-prefix) levels live, for an exact resume
         self.current: tuple[int, dict[str, np.ndarray]] | None = None
         self.trained_from: int | None = None  # lowest stage index this run has trained
         self.builds = 0  # how many levels were computed (not loaded): for tests and reports
@@ -69,14 +71,28 @@ class FeatureCache:
         if self.current and self.current[0] == k:
             return self.current[1]
         pretrained = self.trained_from is None or k <= self.trained_from
-        if self.current and self.current[0] < k and not pretrained:
-            feats = self.extend(self.current[1], self.current[0], k)  # FreezeOut: grow the prefix
-        elif pretrained and self.root is not None:
-            feats = self.load_or_build(k)
-        else:
-            feats = {name: self.compute(name, k) for name in self.split}
+        if pretrained and self.root is not None:
+            feats = self.load_or_build(self.root / self.key_fn(k), lambda: self.compute_all(k))
+        elif pretrained:
+            feats = self.compute_all(k)
+        else:  # a prefix this run trained (FreezeOut): grow the cached level, keep it with the checkpoint
+            feats = self.load_or_build(self.run_root / f"L{k}", lambda: self.grow(k)) if self.run_root \
+                else self.grow(k)
         self.current = (k, feats)
         return feats
+
+    def compute_all(self, k: int) -> dict[str, np.ndarray]:
+        return {name: self.compute(name, k) for name in self.split}
+
+    def grow(self, k: int) -> dict[str, np.ndarray]:
+        if self.current and self.current[0] < k:
+            return self.extend(self.current[1], self.current[0], k)
+        return self.compute_all(k)
+
+    def reset_run_local(self) -> None:
+        """A fresh (not resumed) run: features of an earlier run's trained prefix are stale."""
+        if self.run_root is not None:
+            shutil.rmtree(self.run_root, ignore_errors=True)
 
     def views_for(self, name: str) -> int:
         return max(self.views, 1) if name == "train" else 1
@@ -115,7 +131,7 @@ class FeatureCache:
             for view in range(src.shape[0]):
                 parts = []
                 for start in range(0, src.shape[1], self.batch_size):
-                    x = torch.from_numpy(np.ascontiguousarray(src[view, start:start + self.batch_size]))
+                    x = torch.from_numpy(np.array(src[view, start:start + self.batch_size]))  # copy: memmap is read-only
                     x = x.to(self.device).float()
                     for stage in self.model.stages[k0:k]:
                         x = stage(x)
@@ -124,10 +140,9 @@ class FeatureCache:
             out[name] = torch.stack(chunks).numpy()
         return out
 
-    def load_or_build(self, k: int) -> dict[str, np.ndarray]:
-        folder = self.root / self.key_fn(k)
+    def load_or_build(self, folder: Path, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         if not (folder / "done").exists():
-            self.write(folder, {name: self.compute(name, k) for name in self.split})
+            self.write(folder, build())
         feats = {}
         for name in self.split:
             array = np.load(folder / f"{name}.npy", mmap_mode="r")
