@@ -60,6 +60,14 @@ def check_image_size(params: Params) -> None:
                           f"{params.train.backbone}; allowed: >= {smallest}")
 
 
+def validate_params(params: Params) -> None:
+    """Checks that need the backbone, done before anything is written."""
+    check_image_size(params)
+    if params.train.freeze.strategy == "until":
+        stages = len(build_backbone(params.train.backbone, "none").stages)  # architecture only, no weights
+        FreezePlan.from_params(params.train.freeze, stages, params.train.backbone)
+
+
 def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks: list) -> Trainer:
     """Model with a fresh head for the dataset's classes, freezing plan, optimizer, cache."""
     check_image_size(params)
@@ -74,6 +82,7 @@ def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks:
 def run_training(params: Params, root: Path = Path("."), resume: bool = False, callbacks: list | None = None,
                  progress=None) -> dict:
     """Prepare (or reuse) the data, train, evaluate on val and test, write model + reports."""
+    validate_params(params)
     layout = Layout(Path(root))
     data_params = params.data
     if not Path(data_params.dir).is_absolute():
