@@ -13,7 +13,7 @@ from tasks.train import evaluate_task, register_task, train_task
 @flow(name="training_pipeline", log_prints=True)
 def training_pipeline(params_dir: str = "params", overrides: list[str] | None = None, tune: bool = False,
                       allow_dirty_data: bool = False, root: str = ".", promote_margin: float = 0.0,
-                      register: bool = True) -> dict:
+                      register_model: bool = True) -> dict:
     """The whole pipeline on the project at `root`; returns metrics, eval and registry decision."""
     root = str(Path(root).resolve())
     overrides = list(overrides or [])
@@ -28,7 +28,7 @@ def training_pipeline(params_dir: str = "params", overrides: list[str] | None = 
     metrics = train_task(root, params_dir, overrides, allow_dirty_data)
     evaluation = evaluate_task(root, params_dir, overrides)
     decision = None
-    if register:
+    if register_model:
         decision = register_task(root, metrics["run_id"], metrics["dataset"], metrics["val_accuracy"], promote_margin)
     record_dvc_lock(root)
     return {"prepared": prepared, "metrics": {k: metrics[k] for k in ("val_accuracy", "test_accuracy",

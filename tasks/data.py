@@ -29,25 +29,14 @@ def data_key(data_info: dict, params_dir: str, overrides: list[str]) -> str | No
     return "prepare-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def marker_path(root: str, key: str) -> Path:
-    return Path(root) / "prepared" / ".prefect-keys" / key
-
-
 def prepare_cache_key(context, parameters: dict) -> str | None:
-    """Cache hit only while the prepared folder this key made still exists."""
-    key = data_key(parameters["data_info"], parameters["params_dir"], parameters["overrides"])
-    if key and marker_path(parameters["root"], key).exists():
-        return key
-    return None
+    """Skip prepare when the DVC hash and data params are unchanged. Safe even if prepared/ was
+    deleted meanwhile: training prepares whatever is missing (prepare is idempotent)."""
+    return data_key(parameters["data_info"], parameters["params_dir"], parameters["overrides"])
 
 
 @task(cache_key_fn=prepare_cache_key, persist_result=True)
 def prepare_task(root: str, params_dir: str, overrides: list[str], data_info: dict) -> dict:
     """Decode + resize once into prepared/; returns where, with how many images and classes."""
     prepared = prepare_step(load_params(params_dir, overrides), Path(root))
-    key = data_key(data_info, params_dir, overrides)
-    if key:
-        marker = marker_path(root, key)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(str(prepared.root))
     return {"path": str(prepared.root), "images": int(len(prepared.labels)), "classes": prepared.classes}

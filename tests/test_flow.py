@@ -1,0 +1,112 @@
+"""The Prefect flow and the DVC pipeline, run for real on a tiny dataset in a temporary git+DVC repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, write_shapes_dataset
+
+BIN = Path(sys.executable).parent
+TINY_TRAIN = {"backbone": "resnet18", "weights": "none", "epochs": 2, "batch_size": 8, "schedule": "constant",
+              "lr": 0.01}
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def write_tiny_params(root: Path) -> None:
+    shutil.copytree(REPO / "params", root / "params", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("best.yaml"))
+    data = yaml.safe_load((root / "params" / "data.yaml").read_text())
+    data.update({"dir": "data/shapes", "image_size": 32})
+    (root / "params" / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    train = yaml.safe_load((root / "params" / "train.yaml").read_text())
+    train.update(TINY_TRAIN)
+    (root / "params" / "train.yaml").write_text(yaml.safe_dump(train, sort_keys=False))
+
+
+@pytest.fixture
+def dvc_project(tmp_path: Path) -> tuple[Path, dict]:
+    """A git + DVC repo with freezeflow's dvc.yaml, code, tiny params and data tracked in data.dvc."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    shutil.copytree(REPO / "freezeflow", root / "freezeflow", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    write_tiny_params(root)
+    write_shapes_dataset(root / "data" / "shapes", classes=3, per_class=10)
+    run(["git", "init", "-q"], root, env)
+    run([str(BIN / "dvc"), "init", "-q"], root, env)
+    run([str(BIN / "dvc"), "add", "-q", "data"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "init"], root, env)
+    return root, env
+
+
+@pytest.mark.slow
+def test_dvc_repro_reruns_only_stages_that_read_a_changed_param(dvc_project):
+    root, env = dvc_project
+    dvc = str(BIN / "dvc")
+    first = run([dvc, "repro"], root, env).stdout
+    assert "Running stage 'prepare'" in first and "Running stage 'train'" in first
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and 0.0 <= metrics["val_accuracy"] <= 1.0
+    assert "up to date" in run([dvc, "repro"], root, env).stdout.lower()  # a no-op
+
+    train = yaml.safe_load((root / "params" / "train.yaml").read_text())
+    train["lr"] = 0.02
+    (root / "params" / "train.yaml").write_text(yaml.safe_dump(train, sort_keys=False))
+    second = run([dvc, "repro"], root, env).stdout
+    assert "Stage 'prepare' didn't change, skipping" in second
+    assert "Running stage 'train'" in second and "Running stage 'evaluate'" in second
+
+    evaluate = yaml.safe_load((root / "params" / "evaluate.yaml").read_text())
+    evaluate["batch_size"] = 64
+    (root / "params" / "evaluate.yaml").write_text(yaml.safe_dump(evaluate, sort_keys=False))
+    third = run([dvc, "repro"], root, env).stdout
+    assert "Running stage 'train'" not in third and "Running stage 'evaluate'" in third
+    shown = run([dvc, "metrics", "show", "--json"], root, env).stdout
+    assert "test_accuracy" in shown and "macro_f1" in shown
+    run([dvc, "exp", "run", "-S", "params/train.yaml:lr=0.005"], root, env)
+
+
+@pytest.mark.slow
+def test_prefect_flow_runs_and_skips_prepare_for_unchanged_data(dvc_project, prefect_harness, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.training import training_pipeline
+
+    root, env = dvc_project
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    monkeypatch.setenv("PATH", env["PATH"])
+    states = []
+    for _ in range(2):
+        state = training_pipeline(root=str(root), return_state=True)
+        assert state.is_completed(), state
+        states.append(state)
+    result = states[-1].result()
+    assert result["registry"]["alias"] in ("champion", "challenger")
+    assert result["metrics"]["run_id"]
+    with get_client(sync_client=True) as client:
+        prepare_states = []
+        for state in states:
+            flt = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            runs = client.read_task_runs(flow_run_filter=flt)
+            prepare_states += [r.state.name for r in runs if r.task_key.startswith("prepare_task")]
+    assert prepare_states == ["Completed", "Cached"]
+    # the flow recorded dvc.lock: dvc repro has nothing left to do
+    assert "up to date" in run([str(BIN / "dvc"), "repro"], root, env).stdout.lower()
