@@ -172,6 +172,20 @@ def pipeline(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=
 
 
 @app.command()
+def schedule(cron: str = typer.Option("0 3 * * 1", help="Cron expression (default: Mondays 03:00)."),
+             margin: float = typer.Option(0.0, help="Promote only if val_accuracy beats the champion by more."),
+             force: bool = typer.Option(False, "--force", help="Retrain even if the data is unchanged."),
+             pool: Optional[str] = typer.Option(None, help="Register with this Prefect work pool instead of serving here.")) -> None:
+    """Serve scheduled retraining (a Prefect deployment): retrain when the data changed, promote if better.
+
+    Example: freezeflow schedule --cron "0 3 * * 1" --margin 0.005
+    """
+    from flows.retrain import serve_schedule
+
+    serve_schedule(cron, str(ROOT.resolve()), margin, force, pool)
+
+
+@app.command()
 def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1")) -> None:
     """Start the MLflow UI over the project's tracking store (127.0.0.1 unless --host).
 

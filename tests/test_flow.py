@@ -3,57 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, write_shapes_dataset
-
-BIN = Path(sys.executable).parent
-TINY_TRAIN = {"backbone": "resnet18", "weights": "none", "epochs": 2, "batch_size": 8, "schedule": "constant",
-              "lr": 0.01}
-
-
-def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def write_tiny_params(root: Path) -> None:
-    shutil.copytree(REPO / "params", root / "params", dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("best.yaml"))
-    data = yaml.safe_load((root / "params" / "data.yaml").read_text())
-    data.update({"dir": "data/shapes", "image_size": 32})
-    (root / "params" / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    train = yaml.safe_load((root / "params" / "train.yaml").read_text())
-    train.update(TINY_TRAIN)
-    (root / "params" / "train.yaml").write_text(yaml.safe_dump(train, sort_keys=False))
-
-
-@pytest.fixture
-def dvc_project(tmp_path: Path) -> tuple[Path, dict]:
-    """A git + DVC repo with freezeflow's dvc.yaml, code, tiny params and data tracked in data.dvc."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    shutil.copytree(REPO / "freezeflow", root / "freezeflow", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    write_tiny_params(root)
-    write_shapes_dataset(root / "data" / "shapes", classes=3, per_class=10)
-    run(["git", "init", "-q"], root, env)
-    run([str(BIN / "dvc"), "init", "-q"], root, env)
-    run([str(BIN / "dvc"), "add", "-q", "data"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "init"], root, env)
-    return root, env
+from tests.conftest import BIN, run
 
 
 @pytest.mark.slow
