@@ -88,7 +88,7 @@ class TrainParams:
     weights: str = documented("default", "`default` (ImageNet), `none`, a torchvision enum name or a .pth file")
     epochs: int = bounded(10, 1, 10_000, "training epochs")
     batch_size: int = bounded(64, 1, 65_536, "images per step")
-    lr: float = bounded(0.003, 0.0, 10.0, "peak learning rate of the head", lo_open=True)
+    lr: float = bounded(0.01, 0.0, 10.0, "peak learning rate of the head", lo_open=True)
     optimizer: str = choice("adamw", OPTIMIZERS, "optimizer over trainable params only")
     momentum: float = bounded(0.9, 0.0, 1.0, "SGD momentum")
     weight_decay: float = bounded(0.0001, 0.0, 1.0, "decoupled weight decay")
