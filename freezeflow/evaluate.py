@@ -52,10 +52,14 @@ def evaluate_loaded(model: torch.nn.Module, info: ModelInfo, prepared: Prepared,
                      "model_data_hash": info.data_hash, "backbone": info.backbone}
 
 
-def evaluate_model(model_dir: Path, prepared: Prepared, split: str = "test", batch_size: int = 256) -> dict:
-    """Load the model saved in `model_dir` and score it on `split` of `prepared`."""
-    model, info = load_model(Path(model_dir))
-    check_compatible(info, prepared, Path(model_dir))
+def evaluate_model(model_dir: Path | tuple[torch.nn.Module, ModelInfo], prepared: Prepared, split: str = "test",
+                   batch_size: int = 256) -> dict:
+    """Score the model saved in `model_dir` (or an already loaded `(model, info)`) on `split`."""
+    if isinstance(model_dir, tuple):
+        (model, info), where = model_dir, Path("<loaded model>")
+    else:
+        (model, info), where = load_model(Path(model_dir)), Path(model_dir)
+    check_compatible(info, prepared, where)
     return evaluate_loaded(model, info, prepared, split, batch_size)
 
 

@@ -35,7 +35,7 @@ def save_figure(fig: Any, path: Path) -> Path:
 
 
 def history_rows(history: Any) -> list[dict]:
-    """Accept the rows themselves or the {"history": rows} mapping history.json holds."""
+    """Accept the rows themselves (what history.json holds) or a {"history": rows} mapping."""
     rows = history.get("history", []) if isinstance(history, dict) else history
     return list(rows or [])
 

@@ -35,7 +35,7 @@ def champion_info(name: str) -> dict | None:
         return None
     run = client.get_run(version.run_id)
     return {"version": version.version, "run_id": version.run_id,
-            "val_accuracy": run.data.metrics.get("val_accuracy"),
+            "val_accuracy": run.data.metrics.get("best_val_accuracy", run.data.metrics.get("val_accuracy")),
             "data_hash": run.data.tags.get("dvc_data_md5") or run.data.tags.get("data_hash")}
 
 
