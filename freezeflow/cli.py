@@ -5,6 +5,7 @@ Every error a user can cause prints one line and exits 2; `--debug` shows the tr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Materialize bundled datasets.
 app.add_typer(data_app, name="data")
 
 STATE = {"debug": False}
+DISK_ERRORS = {errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EPERM, errno.EFBIG}
 SET_HELP = "Override a param: FILE.KEY=VALUE, e.g. -S train.lr=0.001 -S data.image_size=96 (repeatable)."
 ROOT = Path(".")
 
@@ -207,6 +209,12 @@ def main() -> None:
             raise
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        if STATE["debug"] or exc.errno not in DISK_ERRORS:
+            raise
+        typer.echo(f"error: cannot write {exc.filename or 'output'}: {exc.strerror}; earlier outputs, "
+                   "checkpoints and the MLflow store are unchanged (writes are atomic)", err=True)
+        sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
