@@ -7,7 +7,7 @@ FF := $(VENV)/bin/freezeflow
 STAMP := $(VENV)/.installed
 PYTHON ?= python3
 # pip on this machine lists local mirrors that may be absent; drop that noise, keep real errors
-PIPQ := 2>&1 | grep -v "is ignored: it is neither" || true
+PIPQ := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 
 .PHONY: run test test-fast install data bench clean
 
