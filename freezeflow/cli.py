@@ -85,6 +85,8 @@ def ingest(src: Path = typer.Argument(..., help="Folder with one subfolder per c
     report = ingest_folder(src, ROOT / "data" / name, ROOT / "quarantine" / name, params.max_pixels,
                            params.min_side, params.imbalance_warn, make_progress(f"ingest {name}"))
     write_json_atomic(ROOT / "reports" / "ingest.json", report.to_dict())
+    for item in report.rejected:
+        echo(f"rejected: {src / item['file']}: {item['reason']} -> quarantine/{name}/{item['file']}")
     for cls, count in report.classes.items():
         echo(f"  {cls}: {count} images")
     for reason, count in report.rejected_by_reason.items():

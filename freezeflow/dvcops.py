@@ -45,7 +45,7 @@ def track_data(root: Path, target: str = "data") -> str | None:
     """`dvc add data` (updates data.dvc and the cache); returns the new hash, None outside a DVC repo."""
     if not is_dvc_repo(root):
         return None
-    run_dvc(["add", "-q", target], root)
+    run_dvc(["add", target], root)  # not -q: on failure its message is what we report
     return read_dvc_hash(root / f"{target}.dvc")
 
 
