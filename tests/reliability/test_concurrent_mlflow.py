@@ -16,9 +16,9 @@ WRITER = textwrap.dedent('''
     from mlflow import MlflowClient
     from mlflow.entities import Metric
     from freezeflow.tracking import ensure_experiment
-    uri, worker = sys.argv[1], int(sys.argv[2])
+    uri, worker, artifacts = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None
     client = MlflowClient(uri)
-    exp = ensure_experiment(client, "concurrent", None)
+    exp = ensure_experiment(client, "concurrent", artifacts)
     run = client.create_run(exp, run_name=f"writer-{worker}")
     for step in range(100):
         client.log_metric(run.info.run_id, "loss", 1.0 / (step + 1), step=step)
@@ -30,8 +30,9 @@ WRITER = textwrap.dedent('''
 ''')
 
 
-def run_writers(uri: str, n: int = 8) -> None:
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, str(i)], stderr=subprocess.PIPE, text=True)
+def run_writers(uri: str, artifacts: str = "", n: int = 8) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, str(i), artifacts], stderr=subprocess.PIPE,
+                              text=True)
              for i in range(n)]
     errors = [p.communicate(timeout=600)[1] for p in procs]
     failed = [(p.returncode, e[-800:]) for p, e in zip(procs, errors) if p.returncode != 0]
@@ -56,7 +57,7 @@ def test_eight_writers_on_one_sqlite_store(tmp_path):
     from mlflow import MlflowClient
 
     MlflowClient(uri).search_experiments()  # create the schema once, before the writers race
-    run_writers(uri)
+    run_writers(uri, (tmp_path / "artifacts").as_uri())
     check_runs(uri)
 
 
