@@ -176,6 +176,22 @@ def pipeline(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=
 
 
 @app.command()
+def tune(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=SET_HELP),
+         workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes here (default: tune.workers)."),
+         storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: tune.storage, else sqlite optuna/optuna.db)."),
+         study: Optional[str] = typer.Option(None, "--study", help="Study name (default: tune.study_name); other machines join with --study + --storage."),
+         gpus: Optional[str] = typer.Option(None, "--gpus", help="Pin worker i to CUDA device gpus[i % n], e.g. 0,1."),
+         n_trials: Optional[int] = typer.Option(None, "--n-trials", help="COMPLETE+PRUNED trials (default: tune.n_trials).")) -> None:
+    """Optuna sweep over batch size, lr and schedule; writes params/best.yaml and reports/tune.json.
+
+    Example: freezeflow tune --workers 2 --storage postgresql+psycopg2://user@db/optuna --study digits-sweep
+    """
+    from freezeflow.tune import run_tune_command
+
+    run_tune_command(ROOT, "params", list(sets or []), workers, storage, study, gpus, n_trials)
+
+
+@app.command()
 def schedule(cron: str = typer.Option("0 3 * * 1", help="Cron expression (default: Mondays 03:00)."),
              margin: float = typer.Option(0.0, help="Promote only if val_accuracy beats the champion by more."),
              force: bool = typer.Option(False, "--force", help="Retrain even if the data is unchanged."),

@@ -114,14 +114,157 @@ class TrainParams:
     use_best: bool = documented(False, "overlay params/best.yaml (written by tune) on these params")
 
 
+POWERS_OF_TWO = tuple(2 ** k for k in range(17))  # 1 .. 65536: the batch sizes a sweep may try
+LR_SCALINGS = ("none", "linear", "sqrt")
+
+
+class AnyOf(tuple):
+    """Allowed items of a list-valued param, used as its `choices` metadata: `[a, b] in AnyOf(...)`
+    holds for a non-empty list of distinct allowed items (same type: 16.0 is not the batch size 16),
+    so `check_value` rejects anything else with the usual one-line error and `iter_docs` lists them."""
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, list) or not value:
+            return False
+        if not all(any(type(v) is type(a) and v == a for a in self) for v in value):
+            return False
+        return len(set(value)) == len(value)
+
+
+def subset(default: tuple, allowed: tuple, doc: str) -> Any:
+    """A list-valued param: a non-empty YAML list of distinct items of `allowed`."""
+    shown = ", ".join(map(str, default))
+    return field(default_factory=lambda: list(default),
+                 metadata={"choices": AnyOf(allowed), "doc": f"{doc} (default: [{shown}])"})
+
+
+class CheckedRange:
+    """`low <= high` for a search-space range; KEY names it in the error (space.KEY)."""
+
+    KEY = ""
+
+    def __post_init__(self) -> None:
+        low, high = getattr(self, "low"), getattr(self, "high")
+        if low > high:
+            raise ParamsError("params/tune.yaml", f"space.{self.KEY}",
+                              f"low {low} > high {high}; allowed: low <= high")
+
+
+@dataclass(frozen=True)
+class BatchSizeSpace:
+    enabled: bool = documented(True, "tune the batch size (off: train.yaml's batch_size)")
+    choices: list[int] | None = subset((16, 32, 64, 128), POWERS_OF_TWO,
+                                       "batch sizes to try; those above the train split's size are dropped")
+
+
+@dataclass(frozen=True)
+class LrSpace(CheckedRange):
+    KEY = "lr"
+    enabled: bool = documented(True, "tune the peak learning rate, log-uniform (off: train.yaml's lr)")
+    low: float = bounded(0.0001, 0.0, 10.0, "smallest lr", lo_open=True)
+    high: float = bounded(0.1, 0.0, 10.0, "largest lr", lo_open=True)
+
+
+@dataclass(frozen=True)
+class WeightDecaySpace(CheckedRange):
+    KEY = "weight_decay"
+    enabled: bool = documented(False, "tune weight decay, log-uniform (off: train.yaml's weight_decay)")
+    low: float = bounded(0.000001, 0.0, 1.0, "smallest weight decay", lo_open=True)
+    high: float = bounded(0.01, 0.0, 1.0, "largest weight decay", lo_open=True)
+
+
+@dataclass(frozen=True)
+class StepSizeRange(CheckedRange):
+    KEY = "schedule.step_size"
+    low: int = bounded(1, 1, None, "`step`: fewest epochs between lr drops")
+    high: int = bounded(3, 1, None, "`step`: most epochs between lr drops")
+
+
+@dataclass(frozen=True)
+class GammaRange(CheckedRange):
+    KEY = "schedule.gamma"
+    low: float = bounded(0.1, 0.0, 1.0, "`step`/`exponential`: smallest lr factor", lo_open=True)
+    high: float = bounded(0.9, 0.0, 1.0, "`step`/`exponential`: largest lr factor", lo_open=True)
+
+
+@dataclass(frozen=True)
+class WarmupRange(CheckedRange):
+    KEY = "schedule.warmup_epochs"
+    low: float = bounded(0.0, 0.0, None, "`cosine`/`onecycle`: shortest warmup, in epochs")
+    high: float = bounded(1.0, 0.0, None, "`cosine`/`onecycle`: longest warmup, in epochs")
+
+
+@dataclass(frozen=True)
+class PatienceRange(CheckedRange):
+    KEY = "schedule.plateau_patience"
+    low: int = bounded(0, 0, None, "`plateau`: least patience, in epochs")
+    high: int = bounded(2, 0, None, "`plateau`: most patience, in epochs")
+
+
+@dataclass(frozen=True)
+class FactorRange(CheckedRange):
+    KEY = "schedule.plateau_factor"
+    low: float = bounded(0.1, 0.0, 1.0, "`plateau`: smallest lr factor", lo_open=True)
+    high: float = bounded(0.9, 0.0, 1.0, "`plateau`: largest lr factor", lo_open=True)
+
+
+@dataclass(frozen=True)
+class ScheduleSpace:
+    enabled: bool = documented(True, "tune the lr schedule and its own params (off: train.yaml's)")
+    choices: list[str] | None = subset(SCHEDULES, SCHEDULES, "schedules to try")
+    step_size: StepSizeRange = field(default_factory=StepSizeRange)
+    gamma: GammaRange = field(default_factory=GammaRange)
+    warmup_epochs: WarmupRange = field(default_factory=WarmupRange)
+    plateau_patience: PatienceRange = field(default_factory=PatienceRange)
+    plateau_factor: FactorRange = field(default_factory=FactorRange)
+
+
+@dataclass(frozen=True)
+class FreezeSpace:
+    enabled: bool = documented(False, "tune the freezing strategy (off: train.yaml's freeze)")
+    choices: list[str] | None = subset(("head", "until"), STRATEGIES, "strategies to try")
+    until_low: int = bounded(1, 0, None, "`until`: fewest frozen stages")
+    until_high: int = bounded(3, 0, None, "`until`: most frozen stages (< the backbone's stage count)")
+
+    def __post_init__(self) -> None:
+        if self.until_low > self.until_high:
+            raise ParamsError("params/tune.yaml", "space.freeze.until_low",
+                              f"{self.until_low} > until_high {self.until_high}; allowed: until_low <= until_high")
+
+
+@dataclass(frozen=True)
+class OptimizerSpace:
+    enabled: bool = documented(False, "tune the optimizer (off: train.yaml's optimizer)")
+    choices: list[str] | None = subset(OPTIMIZERS, OPTIMIZERS, "optimizers to try")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a sweep varies; a dimension that is not `enabled` keeps the value in train.yaml."""
+
+    batch_size: BatchSizeSpace = field(default_factory=BatchSizeSpace)
+    lr: LrSpace = field(default_factory=LrSpace)
+    lr_scaling: str = choice("none", LR_SCALINGS, "scale the sampled lr with batch_size / base_batch_size")
+    base_batch_size: int = bounded(64, 1, 65_536, "batch size the sampled lr refers to (`lr_scaling`)")
+    schedule: ScheduleSpace = field(default_factory=ScheduleSpace)
+    weight_decay: WeightDecaySpace = field(default_factory=WeightDecaySpace)
+    freeze: FreezeSpace = field(default_factory=FreezeSpace)
+    optimizer: OptimizerSpace = field(default_factory=OptimizerSpace)
+
+
 @dataclass(frozen=True)
 class TuneParams:
-    n_trials: int = bounded(12, 1, None, "trials in the study")
+    n_trials: int = bounded(12, 1, None, "trials in the study (complete + pruned)")
     epochs: int = bounded(5, 1, None, "epochs per trial")
     storage: str = documented("", "Optuna storage URL; empty = sqlite file under the project")
     study_name: str = documented("freezeflow", "study name (workers with the same name share it)")
     seed: int = bounded(0, 0, None, "TPE sampler seed")
     pruner: str = choice("median", ("median", "hyperband", "none"), "early pruning of bad trials")
+    workers: int = bounded(1, 1, 256, "worker processes on this machine (`--workers` overrides)")
+    heartbeat_interval: int = bounded(10, 1, None, "seconds between a running trial's heartbeats")
+    grace_period: int = bounded(60, 1, None, "a trial without heartbeat this long failed (its worker died)")
+    max_retry: int = bounded(2, 0, None, "retries of a trial whose worker died")
+    space: SearchSpace = field(default_factory=SearchSpace)
 
 
 @dataclass(frozen=True)
@@ -316,3 +459,32 @@ def iter_docs(cls: type, prefix: str = ""):
             if meta.get("max") is not None:
                 allowed += f"{' and ' if allowed else ''}<= {meta['max']}"
         yield prefix + f.name, f.default, allowed or hints[f.name].__name__, meta.get("doc", "")
+
+
+def render_reference() -> str:
+    """The README's params reference: one Markdown table per params file, from the dataclasses."""
+    out = []
+    for name, cls in FILES.items():
+        out.append(f"**params/{name}.yaml**\n\n| key | default | allowed | meaning |\n|---|---|---|---|")
+        for key, default, allowed, doc in iter_docs(cls):
+            shown = "" if default is dataclasses.MISSING else repr(default) if isinstance(default, str) else default
+            out.append(f"| `{key}` | `{shown}` | {allowed} | {doc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def update_readme(path: Path) -> None:
+    """Replace the README's section between the params markers with the current reference."""
+    text = path.read_text()
+    head, rest = text.split("<!-- params:start -->", 1)
+    _, tail = rest.split("<!-- params:end -->", 1)
+    path.write_text(f"{head}<!-- params:start -->\n{render_reference().strip()}\n<!-- params:end -->{tail}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--readme"]:
+        update_readme(Path(sys.argv[2] if len(sys.argv) > 2 else "README.md"))
+    else:
+        print(render_reference())
