@@ -27,17 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from freezeflow import efficientnet_lite
 from freezeflow.errors import UserError
 
-BACKBONES: tuple[str, ...] = (
-    "efficientnet_lite0",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "mobilenet_v3_small",
-    "mobilenet_v3_large",
-    "efficientnet_b0",
-    "convnext_tiny",
-)
+from freezeflow.params import BACKBONES  # one list: params validates names, this module builds them
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # All backbones downsample by 32; convnext's unpadded strided convs fail below 32 px.

@@ -39,6 +39,32 @@ def write_shapes_dataset(root: Path, classes: int = 3, per_class: int = 12, size
     return root
 
 
+CLASSES = ("circle", "square", "stripes")
+
+
+def draw_figure(kind: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """One (size, size, 3) uint8 picture: a red disc, a green square or blue stripes, on noise."""
+    img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx, r = rng.integers(10, size - 10, 2).tolist() + [int(rng.integers(5, 9))]
+    if kind == "circle":
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = (230, 30, 30)
+    elif kind == "square":
+        img[cy - r:cy + r, cx - r:cx + r] = (30, 220, 30)
+    else:
+        img[(yy // 3) % 2 == 0] = (30, 30, 230)
+    return img
+
+
+def write_figures_dataset(root: Path, per_class: int = 12) -> Path:
+    rng = np.random.default_rng(0)
+    for kind in CLASSES:
+        (root / kind).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(draw_figure(kind, rng)).save(root / kind / f"{i:02d}.png")
+    return root
+
+
 @pytest.fixture
 def shapes_dir(tmp_path: Path) -> Path:
     return write_shapes_dataset(tmp_path / "shapes")
@@ -75,8 +101,10 @@ def prefect_harness(tmp_path_factory):
 
 
 def write_tiny_params(root: Path) -> None:
-    shutil.copytree(REPO / "params", root / "params", dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("best.yaml"))
+    shutil.copytree(REPO / "params", root / "params", dirs_exist_ok=True)
+    # the frozen `tune` stage's committed outputs (a real sweep's result): dvc checks they exist
+    (root / "reports").mkdir(exist_ok=True)
+    shutil.copy(REPO / "reports" / "tune.json", root / "reports" / "tune.json")
     data = yaml.safe_load((root / "params" / "data.yaml").read_text())
     data.update({"dir": "data/shapes", "image_size": 32})
     (root / "params" / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import CLASSES, write_figures_dataset
 from freezeflow.errors import UserError
 from freezeflow.evaluate import evaluate_model, write_eval
 from freezeflow.modelio import load_model
@@ -20,32 +21,6 @@ from freezeflow.prepare import prepare_dataset
 from freezeflow.train import run_training
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
-CLASSES = ("circle", "square", "stripes")
-
-
-def draw(kind: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """One (size, size, 3) uint8 picture: a red disc, a green square or blue stripes, on noise."""
-    img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-    yy, xx = np.mgrid[:size, :size]
-    cy, cx, r = rng.integers(10, size - 10, 2).tolist() + [int(rng.integers(5, 9))]
-    if kind == "circle":
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = (230, 30, 30)
-    elif kind == "square":
-        img[cy - r:cy + r, cx - r:cx + r] = (30, 220, 30)
-    else:
-        img[(yy // 3) % 2 == 0] = (30, 30, 230)
-    return img
-
-
-def write_dataset(root: Path, per_class: int = 12) -> Path:
-    rng = np.random.default_rng(0)
-    for kind in CLASSES:
-        (root / kind).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(draw(kind, rng)).save(root / kind / f"{i:02d}.png")
-    return root
-
-
 def tiny_params(tmp: Path, data_dir: Path, *extra: str):
     shutil.copytree(PARAMS, tmp / "params", dirs_exist_ok=True)
     return load_params(tmp / "params", [f"data.dir={data_dir}", "data.image_size=32", "train.backbone=resnet18",
@@ -55,7 +30,7 @@ def tiny_params(tmp: Path, data_dir: Path, *extra: str):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    data = write_dataset(root / "data" / "shapes")
+    data = write_figures_dataset(root / "data" / "shapes")
     params = tiny_params(root, data)
     run_training(params, root)
     return root, params, prepare_dataset(params.data, root / "prepared")

@@ -11,6 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from tests.conftest import CLASSES, write_figures_dataset
 from freezeflow.errors import UserError
 from freezeflow.modelio import load_model, predict_images
 from freezeflow.params import load_params
@@ -19,32 +20,6 @@ from freezeflow.tracking import (load_downloaded, load_registered, register_mode
                                  tracked_training, tracking_scope)
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
-CLASSES = ("circle", "square", "stripes")
-
-
-def draw(kind: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """One (size, size, 3) uint8 picture: a red disc, a green square or blue stripes, on noise."""
-    img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-    yy, xx = np.mgrid[:size, :size]
-    cy, cx, r = rng.integers(10, size - 10, 2).tolist() + [int(rng.integers(5, 9))]
-    if kind == "circle":
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = (230, 30, 30)
-    elif kind == "square":
-        img[cy - r:cy + r, cx - r:cx + r] = (30, 220, 30)
-    else:
-        img[(yy // 3) % 2 == 0] = (30, 30, 230)
-    return img
-
-
-def write_dataset(root: Path, per_class: int = 12) -> Path:
-    rng = np.random.default_rng(0)
-    for kind in CLASSES:
-        (root / kind).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(draw(kind, rng)).save(root / kind / f"{i:02d}.png")
-    return root
-
-
 class Raise:
     """A callback that raises `exc` at the end of epoch 1."""
 
@@ -59,7 +34,7 @@ class Raise:
 def project(tmp_path_factory):
     """A project root with data, params and a sqlite store; one tracked 2-epoch training."""
     root = tmp_path_factory.mktemp("tracking")
-    data = write_dataset(root / "data" / "shapes")
+    data = write_figures_dataset(root / "data" / "shapes")
     shutil.copytree(PARAMS, root / "params")
     params = load_params(root / "params", [f"data.dir={data}", "data.image_size=32", "train.backbone=resnet18",
                                            "train.weights=none", "train.epochs=2", "train.batch_size=8"])
