@@ -9,6 +9,7 @@ this run has trained (FreezeOut) live only as long as the run, extended stage by
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -24,7 +25,49 @@ import torch
 from freezeflow.augment import augment_batch
 from freezeflow.params import AugmentParams
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2  # 2: BatchNorm folded into convs for extraction
+
+
+@torch.no_grad()
+def fold_batchnorm(module: torch.nn.Module, example: torch.Tensor) -> int:
+    """Fold each eval-mode BatchNorm2d into the Conv2d whose output it normalizes, in place.
+
+    Pairs are found by following tensors through one forward pass (a BN whose input is exactly a
+    conv's output), so it works for any backbone. Returns the number of pairs folded.
+    """
+    produced: dict[int, torch.nn.Conv2d] = {}
+    pairs: list[tuple[torch.nn.Conv2d, torch.nn.BatchNorm2d]] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: produced.__setitem__(id(o), m))
+             for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks += [m.register_forward_hook(lambda m, i, o: pairs.append((produced[id(i[0])], m))
+                                      if id(i[0]) in produced else None)
+              for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    module(example)
+    for hook in hooks:
+        hook.remove()
+    for conv, bn in pairs:
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
+        conv.weight.mul_(scale.view(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.bias = torch.nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+        bn.forward = torch.nn.Identity().forward  # type: ignore[method-assign]
+    return len(pairs)
+
+
+@torch.no_grad()
+def make_inference_prefix(stages: list[torch.nn.Module], example: torch.Tensor) -> torch.nn.Module:
+    """A frozen prefix made fast for inference: BatchNorm folded into convs, channels_last.
+
+    Checked against the original on `example`; any mismatch falls back to the original stages.
+    """
+    original = torch.nn.Sequential(*stages).eval()
+    fast = copy.deepcopy(original)
+    fold_batchnorm(fast, example)
+    fast = fast.to(memory_format=torch.channels_last)
+    expected, got = original(example), fast(example.contiguous(memory_format=torch.channels_last))
+    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()) + 1e-6):
+        return original
+    return fast
 
 
 def normalize_batch(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -57,7 +100,7 @@ class FeatureCache:
         self.root, self.memory_bytes = root, memory_mb * 2**20
         self.augment, self.views, self.seed, self.batch_size = augment, views, seed, batch_size
         self.run_root = run_root  # where run-local (trained-prefix) levels live, for an exact resume
-        self.current: tuple[int, dict[str, np.ndarray]] | None = None
+        self.current: tuple[int, dict[str, np.ndarray]] | None = None  # (level, split -> features)
         self.trained_from: int | None = None  # lowest stage index this run has trained
         self.builds = 0  # how many levels were computed (not loaded): for tests and reports
 
@@ -66,28 +109,31 @@ class FeatureCache:
         if self.trained_from is None or lowest_trainable < self.trained_from:
             self.trained_from = lowest_trainable
 
-    def level(self, k: int) -> dict[str, np.ndarray]:
-        """Features after stages 0..k-1, per split."""
-        if self.current and self.current[0] == k:
-            return self.current[1]
-        pretrained = self.trained_from is None or k <= self.trained_from
-        if pretrained and self.root is not None:
-            feats = self.load_or_build(self.root / self.key_fn(k), lambda: self.compute_all(k))
-        elif pretrained:
-            feats = self.compute_all(k)
-        else:  # a prefix this run trained (FreezeOut): grow the cached level, keep it with the checkpoint
-            feats = self.load_or_build(self.run_root / f"L{k}", lambda: self.grow(k)) if self.run_root \
-                else self.grow(k)
+    def level(self, k: int, names: tuple[str, ...] = ("train", "val")) -> dict[str, np.ndarray]:
+        """Features after stages 0..k-1 for the splits `names` (test only when asked: after training)."""
+        same = self.current is not None and self.current[0] == k
+        previous = self.current if self.current is not None and self.current[0] < k else None
+        feats = dict(self.current[1]) if same else {}
+        for name in names:
+            if name not in feats:
+                feats[name] = self.split_level(k, name, previous)
         self.current = (k, feats)
         return feats
 
-    def compute_all(self, k: int) -> dict[str, np.ndarray]:
-        return {name: self.compute(name, k) for name in self.split}
-
-    def grow(self, k: int) -> dict[str, np.ndarray]:
-        if self.current and self.current[0] < k:
-            return self.extend(self.current[1], self.current[0], k)
-        return self.compute_all(k)
+    def split_level(self, k: int, name: str, previous: tuple | None) -> np.ndarray:
+        """Load from disk or build. A prefix this run trained (FreezeOut) is grown from the level
+        below and kept with the checkpoint (exact resume); a pretrained prefix is shared by key."""
+        pretrained = self.trained_from is None or k <= self.trained_from
+        if pretrained:
+            folder = self.root / self.key_fn(k) if self.root is not None else None
+            build = lambda: self.compute(name, k)  # noqa: E731
+        else:
+            folder = self.run_root / f"L{k}" if self.run_root is not None else None
+            if previous is not None and name in previous[1]:
+                build = lambda: self.extend(previous[1][name], previous[0], k)  # noqa: E731
+            else:
+                build = lambda: self.compute(name, k)  # noqa: E731
+        return self.load_or_build(folder / f"{name}.npy", build) if folder is not None else build()
 
     def reset_run_local(self) -> None:
         """A fresh (not resumed) run: features of an earlier run's trained prefix are stale."""
@@ -104,6 +150,8 @@ class FeatureCache:
         for stage in self.model.stages[:k]:
             stage.eval()  # frozen stages: running statistics, never batch statistics
         idx = self.split[name]
+        example = self.normalize(torch.from_numpy(self.images[idx[:2]]).to(self.device))
+        prefix = make_inference_prefix(list(self.model.stages[:k]), example)
         out: torch.Tensor | None = None
         for view in range(self.views_for(name)):
             gen = torch.Generator().manual_seed(self.seed * 7919 + view)
@@ -112,56 +160,47 @@ class FeatureCache:
                 x = self.normalize(torch.from_numpy(self.images[rows]).to(self.device))
                 if name == "train" and self.views:
                     x = augment_batch(x, self.augment, gen)
-                for stage in self.model.stages[:k]:
-                    x = stage(x)
+                x = prefix(x.contiguous(memory_format=torch.channels_last))
                 if out is None:
                     out = torch.empty((self.views_for(name), len(idx), *x.shape[1:]), dtype=torch.float16)
                 out[view, start:start + len(rows)] = x.to("cpu", torch.float16)
         return out.numpy()
 
     @torch.no_grad()
-    def extend(self, feats: dict[str, np.ndarray], k0: int, k: int) -> dict[str, np.ndarray]:
-        """Apply stages k0..k-1 to cached level-k0 features (no image is touched)."""
+    def extend(self, src: np.ndarray, k0: int, k: int) -> np.ndarray:
+        """Apply stages k0..k-1 to cached level-k0 features (V, N, ...) (no image is touched)."""
         self.builds += 1
         for stage in self.model.stages[k0:k]:
             stage.eval()
-        out = {}
-        for name, src in feats.items():
-            chunks = []
-            for view in range(src.shape[0]):
-                parts = []
-                for start in range(0, src.shape[1], self.batch_size):
-                    x = torch.from_numpy(np.array(src[view, start:start + self.batch_size]))  # copy: memmap is read-only
-                    x = x.to(self.device).float()
-                    for stage in self.model.stages[k0:k]:
-                        x = stage(x)
-                    parts.append(x.to("cpu", torch.float16))
-                chunks.append(torch.cat(parts))
-            out[name] = torch.stack(chunks).numpy()
-        return out
+        example = torch.from_numpy(np.array(src[0, :2])).to(self.device).float()
+        prefix = make_inference_prefix(list(self.model.stages[k0:k]), example)
+        chunks = []
+        for view in range(src.shape[0]):
+            parts = []
+            for start in range(0, src.shape[1], self.batch_size):
+                x = torch.from_numpy(np.array(src[view, start:start + self.batch_size]))  # copy: memmap is read-only
+                x = prefix(x.to(self.device).float().contiguous(memory_format=torch.channels_last))
+                parts.append(x.to("cpu", torch.float16).contiguous())
+            chunks.append(torch.cat(parts))
+        return torch.stack(chunks).numpy()
 
-    def load_or_build(self, folder: Path, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        if not (folder / "done").exists():
-            self.write(folder, build())
-        feats = {}
-        for name in self.split:
-            array = np.load(folder / f"{name}.npy", mmap_mode="r")
-            if array.nbytes <= self.memory_bytes:  # small enough: hold in RAM, else stay memory-mapped
-                array = np.ascontiguousarray(array)
-            feats[name] = array
-        return feats
+    def load_or_build(self, path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
+        if not path.exists():
+            write_array(path, build())
+        array = np.load(path, mmap_mode="r")
+        if array.nbytes <= self.memory_bytes:  # small enough: hold in RAM, else stay memory-mapped
+            array = np.ascontiguousarray(array)
+        return array
 
-    def write(self, folder: Path, feats: dict[str, np.ndarray]) -> None:
-        """Write to a temp folder, then rename: readers never see a half-written cache."""
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
-        try:
-            for name, tensor in feats.items():
-                np.save(tmp / f"{name}.npy", tensor)
-            (tmp / "done").write_text("ok")
-            try:
-                os.replace(tmp, folder)
-            except OSError:  # another worker wrote the same key first: theirs is identical
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+def write_array(path: Path, array: np.ndarray) -> None:
+    """Write to a temp file, then rename: readers never see a half-written cache. Two workers
+    writing the same key write identical bytes, so the last rename wins harmlessly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
