@@ -121,8 +121,12 @@ def train(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=SET
     Example: freezeflow train -S train.freeze.strategy=until -S train.freeze.until=4 -S train.epochs=5
     """
     from freezeflow.pipeline import train_step
+    from freezeflow.progress import EpochProgress
 
-    metrics = train_step(load(sets), ROOT, resume=resume, track=track, allow_dirty_data=allow_dirty_data)
+    params = load(sets)
+    with EpochProgress(params.train.epochs) as progress:
+        metrics = train_step(params, ROOT, resume=resume, track=track, allow_dirty_data=allow_dirty_data,
+                             callbacks=[progress])
     echo(f"val_accuracy {metrics['val_accuracy']:.4f}  test_accuracy {metrics['test_accuracy']:.4f}  "
          f"train_time {metrics['train_time_s']:.1f}s  -> models/, reports/metrics.json")
 
@@ -206,7 +210,23 @@ def schedule(cron: str = typer.Option("0 3 * * 1", help="Cron expression (defaul
 
 
 @app.command()
-def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1")) -> None:
+def report(runs: Optional[List[str]] = typer.Argument(None, help="MLflow run ids (default: the latest FINISHED run)."),
+           out: Path = typer.Option(Path("reports/report.html"), "--out", help="HTML file to write.")) -> None:
+    """One self-contained HTML page for a run, or a side-by-side comparison of several.
+
+    Example: freezeflow report 1a2b... 3c4d... --out reports/compare.html
+    """
+    from freezeflow.report import write_report
+    from freezeflow.tracking import configure_tracking
+
+    configure_tracking(ROOT)  # the project's store unless MLFLOW_TRACKING_URI is set
+    path = write_report(list(runs or []), ROOT / out)
+    echo(f"report -> {path}")
+
+
+@app.command()
+def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1"),
+       workers: int = typer.Option(1, help="uvicorn workers (mlflow's default of 4 starts slowly on small machines).")) -> None:
     """Start the MLflow UI over the project's tracking store (127.0.0.1 unless --host).
 
     Example: freezeflow ui --port 5000
@@ -215,7 +235,7 @@ def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1")) ->
 
     uri = resolve_tracking_uri(ROOT.resolve())
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                               "--host", host, "--port", str(port)])
+                               "--host", host, "--port", str(port), "--workers", str(workers)])
 
 
 def main() -> None:

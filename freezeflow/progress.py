@@ -38,3 +38,86 @@ def rich_progress(label: str) -> Callable[[int, int], None]:
             bar.stop()
 
     return update
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class EpochProgress:
+    """Training callback: a rich bar over epochs (live loss, accuracy, images/s, ETA) on a TTY,
+    else one plain line per epoch (CI logs stay readable).
+
+    The bar starts at the first epoch's end (so it never overlaps another live display, e.g. the
+    prepare step's bar) and stops at the last epoch or on `close()` (early stopping); usable as a
+    context manager. After --resume the first report's epoch says how many were done before. The
+    ETA is the mean seconds per epoch seen so far times the epochs left.
+
+        with EpochProgress(params.train.epochs) as progress:
+            train_step(params, root, callbacks=[progress])
+    """
+
+    def __init__(self, total_epochs: int, stream=None):
+        self.total = max(int(total_epochs), 1)
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.seconds: list[float] = []
+        self.bar = None
+        self.task = None
+
+    # ---- callback ----------------------------------------------------------------------------
+    def on_epoch_end(self, report) -> None:
+        self.seconds.append(float(report.epoch_time_s))
+        left = max(self.total - report.epoch, 0)
+        eta = left * sum(self.seconds) / len(self.seconds)
+        if self.tty:
+            self.update_bar(report, eta)
+        else:
+            print(self.line(report, eta), file=self.stream, flush=True)
+        if report.epoch >= self.total:
+            self.close()
+
+    def line(self, report, eta: float) -> str:
+        width = len(str(self.total))
+        return (f"epoch {report.epoch:>{width}}/{self.total}  train_loss {report.train_loss:.4f}  "
+                f"train_acc {report.train_accuracy:.4f}  val_loss {report.val_loss:.4f}  "
+                f"val_acc {report.val_accuracy:.4f}  {report.images_per_s:.1f} img/s  "
+                f"{report.epoch_time_s:.{1 if report.epoch_time_s >= 10 else 2}f}s  eta {format_seconds(eta)}")
+
+    def update_bar(self, report, eta: float) -> None:
+        fields = {"loss": f"{report.train_loss:.4f}/{report.val_loss:.4f}",
+                  "acc": f"{report.train_accuracy:.3f}/{report.val_accuracy:.3f}",
+                  "speed": f"{report.images_per_s:.0f}", "eta": format_seconds(eta)}
+        if self.bar is None:
+            self.start()
+        self.bar.update(self.task, completed=min(report.epoch, self.total), **fields)
+
+    # ---- the bar -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Show the bar now (only on a TTY; a no-op elsewhere or when already shown)."""
+        if not self.tty or self.bar is not None:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss t/v [cyan]{task.fields[loss]}[/]"), TextColumn("acc t/v [green]{task.fields[acc]}[/]"),
+            TextColumn("{task.fields[speed]} img/s"), TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"),
+            console=Console(file=self.stream), transient=False)
+        self.bar.start()
+        self.task = self.bar.add_task("epochs", total=self.total, loss="-", acc="-", speed="-", eta="-")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def __enter__(self) -> "EpochProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
