@@ -34,7 +34,11 @@ def test_dvc_repro_reruns_only_stages_that_read_a_changed_param(dvc_project):
     assert "Running stage 'train'" not in third and "Running stage 'evaluate'" in third
     shown = run([dvc, "metrics", "show", "--json"], root, env).stdout
     assert "test_accuracy" in shown and "macro_f1" in shown
+    diff = run([dvc, "metrics", "diff", "--all", "--json"], root, env).stdout  # workspace vs HEAD
+    assert "val_accuracy" in diff
+    run([dvc, "plots", "diff", "--json"], root, env)  # renders the per-epoch curves' data
     run([dvc, "exp", "run", "-S", "params/train.yaml:lr=0.005"], root, env)
+    assert "0.005" in run([dvc, "exp", "show", "--json"], root, env).stdout
 
 
 @pytest.mark.slow
