@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tests.conftest import CLASSES, write_figures_dataset
 from freezeflow.errors import UserError

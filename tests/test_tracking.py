@@ -5,11 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
 from tests.conftest import CLASSES, write_figures_dataset
 from freezeflow.errors import UserError
