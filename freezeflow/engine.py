@@ -147,9 +147,16 @@ class Trainer:
         self.epoch, self.step, self.history = 0, 0, []
         self.best: dict = {"epoch": 0, "val_accuracy": -1.0, "state": None}
         self.cache = self.make_cache(feature_root, params) if self.use_cache(params) else None
+        if self.cache is not None:
+            self.cache.progress = self.notify_feature_progress
         if params.compile:
             for stage in self.model.stages:
                 stage.compile()
+
+    def notify_feature_progress(self, label: str, done: int, total: int) -> None:
+        for cb in self.callbacks:
+            if hasattr(cb, "on_feature_progress"):
+                cb.on_feature_progress(label, done, total)
 
     def use_cache(self, params: TrainParams) -> bool:
         deterministic = not params.augment.enabled or params.augment_views > 0

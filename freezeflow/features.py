@@ -99,6 +99,7 @@ class FeatureCache:
         self.normalize, self.device, self.key_fn = normalize, device, key_fn
         self.root, self.memory_bytes = root, memory_mb * 2**20
         self.augment, self.views, self.seed, self.batch_size = augment, views, seed, batch_size
+        self.progress: Callable[[str, int, int], None] | None = None  # (label, done, total), e.g. a bar
         self.run_root = run_root  # where run-local (trained-prefix) levels live, for an exact resume
         self.current: tuple[int, dict[str, np.ndarray]] | None = None  # (level, split -> features)
         self.trained_from: int | None = None  # lowest stage index this run has trained
@@ -153,6 +154,7 @@ class FeatureCache:
         example = self.normalize(torch.from_numpy(self.images[idx[:2]]).to(self.device))
         prefix = make_inference_prefix(list(self.model.stages[:k]), example)
         out: torch.Tensor | None = None
+        total = self.views_for(name) * len(idx)
         for view in range(self.views_for(name)):
             gen = torch.Generator().manual_seed(self.seed * 7919 + view)
             for start in range(0, len(idx), self.batch_size):
@@ -164,6 +166,8 @@ class FeatureCache:
                 if out is None:
                     out = torch.empty((self.views_for(name), len(idx), *x.shape[1:]), dtype=torch.float16)
                 out[view, start:start + len(rows)] = x.to("cpu", torch.float16)
+                if self.progress is not None:
+                    self.progress(f"features {name} (stages 0..{k - 1})", view * len(idx) + start + len(rows), total)
         return out.numpy()
 
     @torch.no_grad()

@@ -142,3 +142,22 @@ def plot_epoch_times(history: Any, path: Path) -> Path:
     wait_ax.legend(loc="upper right")
     ax.set_title("time per epoch")
     return save_figure(fig, path)
+
+
+def plot_per_class(report: dict, path: Path) -> Path:
+    """Precision and recall of every class side by side (from an evaluate report's `per_class`)."""
+    classes = list(report["per_class"])
+    precision = [report["per_class"][c]["precision"] for c in classes]
+    recall = [report["per_class"][c]["recall"] for c in classes]
+    fig = new_figure(max(6.0, 0.6 * len(classes) + 2), 4.5)
+    ax = fig.subplots()
+    xs = list(range(len(classes)))
+    ax.bar([x - 0.2 for x in xs], precision, width=0.4, label="precision", color="tab:blue")
+    ax.bar([x + 0.2 for x in xs], recall, width=0.4, label="recall", color="tab:orange")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(classes, rotation=45 if len(classes) > 8 else 0, ha="right" if len(classes) > 8 else "center")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score")
+    ax.set_title(f"per-class precision / recall ({report.get('split', 'val')})")
+    ax.legend(loc="lower right")
+    return save_figure(fig, path)

@@ -69,6 +69,13 @@ class EpochProgress:
         self.task = None
 
     # ---- callback ----------------------------------------------------------------------------
+    def on_feature_progress(self, label: str, done: int, total: int) -> None:
+        """Feature caching (first epoch, or when the frozen prefix changes): one bar per split."""
+        if getattr(self, "_feature_label", None) != label:
+            self._feature_label = label
+            self._feature_update = progress_printer(label, self.stream)
+        self._feature_update(done, total)
+
     def on_epoch_end(self, report) -> None:
         self.seconds.append(float(report.epoch_time_s))
         left = max(self.total - report.epoch, 0)

@@ -46,7 +46,8 @@ from freezeflow.errors import UserError
 from freezeflow.evaluate import evaluate_model, write_eval
 from freezeflow.modelio import ModelInfo, load_model
 from freezeflow.params import Params, flatten
-from freezeflow.plots import history_rows, plot_confusion, plot_epoch_times, plot_learning_curves, plot_lr_groups
+from freezeflow.plots import (history_rows, plot_confusion, plot_epoch_times, plot_learning_curves, plot_lr_groups,
+                              plot_per_class)
 from freezeflow.prepare import Prepared, prepare_dataset
 from freezeflow.train import Layout, run_training
 
@@ -314,6 +315,7 @@ def write_plots(history: list[dict], val_report: dict, folder: Path) -> list[Pat
         plot_lr_groups(history, folder / "lr_groups.png"),
         plot_epoch_times(history, folder / "epoch_times.png"),
         plot_confusion(val_report["confusion_matrix"], val_report["classes"], folder / "confusion_val.png"),
+        plot_per_class(val_report, folder / "per_class_val.png"),
     ]
 
 

@@ -55,8 +55,8 @@ def test_single_run_report_is_self_contained(store, tmp_path):
     assert "data:image/png;base64," in page and ids[0] in page and "lr-0.01" in page
     assert "val_accuracy" in page and "time_per_epoch_s" in page and "FINISHED" in page
     assert "train.freeze.strategy" in page  # a single run lists every param
-    # 2 fresh figures + the 4 logged plots
-    assert len(re.findall(r"<img ", page)) == 6
+    # 2 fresh figures + the 5 logged plots (learning curves, lr groups, epoch times, confusion, per class)
+    assert len(re.findall(r"<img ", page)) == 7
     for name in ("learning_curves.png", "confusion_val.png"):
         assert name in page
 
@@ -70,7 +70,7 @@ def test_comparison_shows_the_differing_param_side_by_side(store, tmp_path):
     assert "train.lr" in differ and ">0.01<" in differ and ">0.003<" in differ
     assert "train.freeze.strategy" not in differ  # the same in both runs: folded away
     assert "val_accuracy" in page and "best_val_accuracy" in page and "test_accuracy" in page
-    assert page.count("data:image/png;base64,") == 2 + 2 * 4
+    assert page.count("data:image/png;base64,") == 2 + 2 * 5
 
 
 def test_default_is_the_latest_finished_run(store, tmp_path, monkeypatch):

@@ -68,7 +68,8 @@ def test_tracked_run_logs_params_epochs_and_artifacts(project):
     assert {"git_commit", "device", "torch_version", "python_version"} <= set(run.data.tags)
     assert experiment.artifact_location.startswith((root / "store" / "artifacts").as_uri())
     plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert plots == {"learning_curves.png", "lr_groups.png", "epoch_times.png", "confusion_val.png"}
+    assert plots == {"learning_curves.png", "lr_groups.png", "epoch_times.png", "confusion_val.png",
+                     "per_class_val.png"}
     reports = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "reports")}
     assert {"metrics.json", "history.json", "eval_val.json"} <= reports
     model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
