@@ -224,6 +224,19 @@ def report(runs: Optional[List[str]] = typer.Argument(None, help="MLflow run ids
     echo(f"report -> {path}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Benchmarks side by side (suites: recipes, loader, limit); results in bench/results/.
+
+    Example: freezeflow bench recipes loader --repeats 3 --epochs 10   (see: python -m freezeflow.bench --help)
+    """
+    from freezeflow.bench import main as bench_main
+
+    code = bench_main(list(ctx.args))
+    if code:
+        raise typer.Exit(code)
+
+
 @app.command()
 def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1"),
        workers: int = typer.Option(1, help="uvicorn workers (mlflow's default of 4 starts slowly on small machines).")) -> None:
