@@ -128,3 +128,31 @@ class EpochProgress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class SweepProgress:
+    """Sweep progress: trial n of N and the best value so far. A rich bar on a terminal, else one
+    line per finished trial (also with several worker processes, whose bars would interleave)."""
+
+    def __init__(self, n_trials: int, stream=None, bar: bool | None = None):
+        self.total = max(int(n_trials), 1)
+        self.stream = stream or sys.stdout
+        tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.use_bar = tty if bar is None else bar
+        self.bar = None
+        self.task = None
+
+    def update(self, done: int, best: str, detail: str) -> None:
+        if not self.use_bar:
+            print(f"trial {done} of {self.total}, best so far {best} ({detail})", file=self.stream, flush=True)
+            return
+        if self.bar is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            self.bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn())
+            self.bar.start()
+            self.task = self.bar.add_task("sweep", total=self.total)
+        self.bar.update(self.task, completed=done, description=f"sweep: best so far {best} (last: {detail})")
+        if done >= self.total:
+            self.bar.stop()

@@ -51,6 +51,7 @@ from freezeflow.errors import ParamsError, UserError
 from freezeflow.params import Params, SearchSpace, TrainParams, load_params, set_nested
 from freezeflow.pipeline import prepare_step, resolve_data_params
 from freezeflow.prepare import Prepared, write_json_atomic
+from freezeflow.progress import SweepProgress
 from freezeflow.tracking import (MlflowCallback, dataset_name, ensure_experiment, first_line, log_params,
                                  log_totals, resolve_artifact_location, resolve_tracking_uri, start_tags,
                                  tag_quietly)
@@ -504,6 +505,10 @@ class BudgetGate:
             study.stop()
 
 
+SWEEP_PROGRESS: dict[int, SweepProgress] = {}  # one per process: a bar in the foreground, lines in workers
+WORKER_PROCESS = False  # set in spawned workers: several bars on one terminal would interleave
+
+
 def print_progress(study: optuna.Study, trial: optuna.trial.FrozenTrial, n_trials: int) -> None:
     counts = count_states(study)
     try:
@@ -512,8 +517,9 @@ def print_progress(study: optuna.Study, trial: optuna.trial.FrozenTrial, n_trial
         best = "none yet"
     value = f" {trial.value:.4f}" if trial.value is not None else ""
     reason = trial.user_attrs.get("pruned_reason") or trial.user_attrs.get("error") or ""
-    print(f"trial {counts['COMPLETE'] + counts['PRUNED']} of {n_trials}, best so far {best} "
-          f"(#{trial.number} {trial.state.name}{value}{' ' + reason if reason else ''})", flush=True)
+    SWEEP_PROGRESS.setdefault(n_trials, SweepProgress(n_trials, bar=False if WORKER_PROCESS else None)).update(
+        counts["COMPLETE"] + counts["PRUNED"], best, f"#{trial.number} {trial.state.name}{value}"
+        f"{' ' + reason if reason else ''}")
 
 
 def run_worker(settings: TuneSettings, index: int = 0, gpu: str | None = None) -> None:
@@ -539,6 +545,8 @@ def run_worker(settings: TuneSettings, index: int = 0, gpu: str | None = None) -
 
 def worker_main(settings: TuneSettings, index: int, gpu: str | None) -> None:
     """Process target: a worker whose user errors print one line and exit 2."""
+    global WORKER_PROCESS
+    WORKER_PROCESS = True
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         run_worker(settings, index, gpu)

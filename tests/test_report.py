@@ -110,3 +110,16 @@ def test_epoch_progress_prints_one_plain_line_per_epoch_off_a_tty():
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].startswith("epoch 2/3") and "val_acc 0.7500" in lines[0]
     assert "120.0 img/s" in lines[0] and "eta 0:02" in lines[0] and lines[1].endswith("eta 0:00")
+
+
+def test_sweep_progress_lines_when_not_a_terminal():
+    import io
+
+    from freezeflow.progress import SweepProgress
+
+    out = io.StringIO()
+    progress = SweepProgress(3, stream=out)
+    progress.update(1, "none yet", "#0 PRUNED")
+    progress.update(2, "0.8100", "#1 COMPLETE 0.8100")
+    assert out.getvalue().splitlines() == ["trial 1 of 3, best so far none yet (#0 PRUNED)",
+                                           "trial 2 of 3, best so far 0.8100 (#1 COMPLETE 0.8100)"]
