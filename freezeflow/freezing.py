@@ -36,6 +36,7 @@ class FreezePlan:
     every: int = 1
     lr_decay: float = 0.5
     t0: float = 0.8
+    scale_lr: bool = True
 
     @classmethod
     def from_params(cls, freeze: FreezeParams, n_stages: int, backbone: str = "",
@@ -44,7 +45,7 @@ class FreezePlan:
             raise ParamsError(file, "freeze.until", f"{freeze.until} is out of range for {backbone or 'this backbone'} "
                               f"({n_stages} stages incl. head); allowed: 0..{n_stages - 1}")
         return cls(freeze.strategy, n_stages, freeze.until, freeze.head_epochs, freeze.every,
-                   freeze.lr_decay, freeze.t0)
+                   freeze.lr_decay, freeze.t0, freeze.scale_lr)
 
     @property
     def head(self) -> int:
@@ -73,7 +74,7 @@ class FreezePlan:
         """Static multiplier of the base lr for `stage` (discriminative lr / FreezeOut's 1/t_i)."""
         if self.strategy == "gradual":
             return self.lr_decay ** (self.head - stage)
-        if self.strategy == "freezeout" and stage < self.head:
+        if self.strategy == "freezeout" and stage < self.head and self.scale_lr:
             return 1.0 / self.freeze_times()[stage]
         return 1.0
 

@@ -146,3 +146,9 @@ def test_freezeout_stages_leave_the_optimizer(project, shapes_dir):
             expect = 0.01 / times[stage] * 0.5 * (1 + math.cos(math.pi * min(p0 / times[stage], 1)))
             assert lr == pytest.approx(expect)
     assert progress > times[-1]
+
+
+def test_freezeout_unscaled_variant_keeps_the_base_lr():
+    p = plan("freezeout", t0=0.8, scale_lr=False)
+    assert [p.lr_scale(i) for i in range(N)] == [1.0] * N
+    assert p.lr_factor(0, p.freeze_times()[0] / 2, 0.7) == pytest.approx(0.5)  # still annealed on its clock
