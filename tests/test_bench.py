@@ -47,9 +47,10 @@ def test_recipes_has_one_row_per_contender_and_strategy(reports):
         assert row["repeats"] == 1
         assert {"median", "min", "max", "runs"} <= set(row["wall_s"])
         assert 0.0 <= row["val_accuracy"] <= 1.0 and 0.0 <= row["test_accuracy"] <= 1.0
-        assert row["peak_rss_mb"] > 0 and row["epoch_time_s_median"] > 0
+        # measured, not judged: every figure is present and positive (speed targets live in bench/)
+        assert all(value > 0 for value in (row["peak_rss_mb"], row["epoch_time_s_median"]))
     assert [c["strategy"] for c in report["comparisons"]] == list(bench.STRATEGIES)
-    assert all(c["speedup_wall"] > 0 and c["speedup_flop_model"] > 0 for c in report["comparisons"])
+    assert all(value > 0 for c in report["comparisons"] for value in (c["speedup_wall"], c["speedup_flop_model"]))
     assert [t["name"] for t in report["targets"]] == ["head speedup", "until speedup", "freezeout vs none (freezeflow)"]
     assert len(report["stage_flops"]) == 6 and report["until_k"] == 3  # resnet18: stem, 4 stages, head
 
