@@ -9,6 +9,12 @@ PYTHON ?= python3
 # pip on this machine lists local mirrors that may be absent; drop that noise, keep real errors
 PIPQ := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 
+# no usage analytics from the tools (DVC, Prefect's server, MLflow): nothing leaves the machine
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+
 .PHONY: run test test-fast install data bench clean
 
 $(STAMP): pyproject.toml requirements.lock

@@ -14,6 +14,14 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+NO_ANALYTICS = {"DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+
+
+def pytest_configure(config):
+    """Tests spawn dvc, prefect and mlflow: none of them may send usage analytics anywhere."""
+    for key, value in NO_ANALYTICS.items():
+        os.environ[key] = value
 BIN = Path(sys.executable).parent
 TINY_TRAIN = {"backbone": "resnet18", "weights": "none", "epochs": 2, "batch_size": 8, "schedule": "constant",
               "lr": 0.01}
