@@ -116,16 +116,24 @@ def check_image(path: Path, max_pixels: int, min_side: int) -> str | None:
         return reason
 
 
+def read_rgb(path: Path, max_pixels: int, min_side: int) -> tuple[Image.Image | None, str | None]:
+    """Check and decode in one pass: (8-bit RGB image, upright per EXIF, None) or (None, reason code)."""
+    with opened_image(path, max_pixels, min_side) as (img, reason):
+        if img is None:
+            return None, reason
+        return to_rgb(ImageOps.exif_transpose(img)), None
+
+
 def decode_rgb(path: Path, max_pixels: int) -> Image.Image:
     """Decode any usable image into an 8-bit RGB image, upright per its EXIF orientation.
 
     Raises DataError (one line naming the file) when the file is not usable.
     """
-    with opened_image(path, max_pixels, min_side=1) as (img, reason):
-        if img is None:
-            limit = f" (max_pixels={max_pixels})" if reason == "too_large" else ""
-            raise DataError(f"cannot use image {path}: {reason}: {REASONS[reason]}{limit}")
-        return to_rgb(ImageOps.exif_transpose(img))
+    img, reason = read_rgb(path, max_pixels, min_side=1)
+    if img is None:
+        limit = f" (max_pixels={max_pixels})" if reason == "too_large" else ""
+        raise DataError(f"cannot use image {path}: {reason}: {REASONS[reason]}{limit}")
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -24,7 +24,7 @@ import numpy as np
 
 from freezeflow.datasets import scan_image_folder
 from freezeflow.errors import DataError
-from freezeflow.images import check_image, decode_rgb, resize_square
+from freezeflow.images import read_rgb, resize_square
 from freezeflow.params import DataParams, SplitParams
 
 PREPARE_VERSION = 1  # bump when the decode/resize code changes: old caches then miss
@@ -130,10 +130,10 @@ def decode_all(items: list[tuple[Path, int]], params: DataParams, images: np.nda
 
     def decode_one(i: int) -> dict | None:
         path = items[i][0]
-        reason = check_image(path, params.max_pixels, params.min_side)
-        if reason:
+        img, reason = read_rgb(path, params.max_pixels, params.min_side)  # one decode per file
+        if img is None:
             return {"file": str(path), "reason": reason}
-        pixels = resize_square(decode_rgb(path, params.max_pixels), params.image_size)  # (S, S, 3)
+        pixels = resize_square(img, params.image_size)  # (S, S, 3)
         images[i] = pixels.transpose(2, 0, 1)
         return None
 
