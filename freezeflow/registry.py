@@ -42,13 +42,12 @@ def champion_info(name: str) -> dict | None:
 def promote_or_keep(run_id: str, name: str, val_accuracy: float, margin: float = 0.0,
                     force: bool = False) -> dict:
     """Register runs:/<run_id>/model under `name`; alias it champion or challenger and say why."""
-    import mlflow
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    from freezeflow.tracking import register_model
+
     champion = champion_info(name)
-    version = mlflow.register_model(f"runs:/{run_id}/model", name).version
     decision = decide_promotion(val_accuracy, champion["val_accuracy"] if champion else None, margin, force)
-    client.set_registered_model_alias(name, decision.alias, version)
-    client.set_model_version_tag(name, version, "decision", decision.reason)
+    version = register_model(run_id, name, decision.alias)  # the run's logged model, aliased
+    MlflowClient().set_model_version_tag(name, str(version), "decision", decision.reason)
     return {"name": name, "version": str(version), "alias": decision.alias, "reason": decision.reason}
