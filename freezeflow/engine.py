@@ -216,8 +216,12 @@ class Trainer:
             x = self.normalize(x)
             if self.params.augment.enabled:
                 x = augment_batch(x, self.params.augment, gen)
+        return self.to_layout(x)
+
+    def to_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs in the model's memory format (channels_last when asked): no conversion inside convs."""
         if self.params.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+            return x.contiguous(memory_format=torch.channels_last)
         return x
 
     def train_epoch(self) -> tuple[float, float, float, float]:
@@ -267,9 +271,7 @@ class Trainer:
         batches = Batches(arrays, rows, level)
         out = []
         for x_cpu, _ in prefetch(batches, np.arange(len(rows)), 512, self.device.type == "cuda"):
-            x = x_cpu.to(self.device).float() if level else self.normalize(x_cpu.to(self.device))
-            if self.params.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.to_layout(x_cpu.to(self.device).float() if level else self.normalize(x_cpu.to(self.device)))
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                 out.append(self.model.forward_from(x, level).float().cpu())
         return torch.cat(out)
