@@ -59,9 +59,55 @@ def serve_schedule(cron: str, root: str, promote_margin: float, force: bool, poo
     """Serve the flow on a cron schedule here, or register it with a work pool for remote workers."""
     parameters = {"root": root, "promote_margin": promote_margin, "force": force}
     if pool:
-        deployment = scheduled_retraining.to_deployment(name=name, cron=cron, parameters=parameters,
-                                                        work_pool_name=pool)
-        deployment.apply()
+        register_with_pool(name, cron, parameters, pool)
         print(f"deployment {name} registered with work pool {pool}: run `prefect worker start --pool {pool}`")
         return
     scheduled_retraining.serve(name=name, cron=cron, parameters=parameters)
+
+
+def api_url_for_pool() -> str:
+    """A work pool lives on a Prefect server: the ephemeral in-process API would forget it on exit."""
+    from prefect.settings import PREFECT_API_URL
+
+    from freezeflow.errors import UserError
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise UserError("--pool needs a Prefect server: set PREFECT_API_URL=http://HOST:4200/api "
+                        "(start one with `freezeflow server prefect`)")
+    return url
+
+
+def ensure_work_pool(pool: str) -> None:
+    """Create `pool` as a process pool when missing, so one command sets up a team's schedule."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process",
+                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+
+
+def register_with_pool(name: str, cron: str, parameters: dict, pool: str):
+    """The deployment names the flow by module (`flows.retrain`), not by a path relative to this folder,
+    so a worker on any machine with freezeflow installed finds it; it runs in the project folder."""
+    import httpx
+    from prefect.deployments.runner import EntrypointType
+
+    from freezeflow.errors import UserError
+
+    url = api_url_for_pool()
+    try:
+        ensure_work_pool(pool)
+        deployment = scheduled_retraining.to_deployment(
+            name=name, cron=cron, parameters=parameters, work_pool_name=pool,
+            entrypoint_type=EntrypointType.MODULE_PATH, job_variables={"working_dir": parameters["root"]})
+        return deployment.apply()
+    except httpx.HTTPError as exc:
+        raise UserError(f"cannot reach the Prefect server at {url} (PREFECT_API_URL): {exc}; "
+                        "start it with `freezeflow server prefect`") from None

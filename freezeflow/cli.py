@@ -20,6 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="freezeflow: fast, repeatable CNN transfer learning (DVC + Prefect + MLflow + Optuna).")
 data_app = typer.Typer(no_args_is_help=True, help="Materialize bundled datasets.")
 app.add_typer(data_app, name="data")
+server_app = typer.Typer(no_args_is_help=True, help="Team servers: MLflow tracking, Prefect orchestration.")
+app.add_typer(server_app, name="server")
 
 STATE = {"debug": False}
 DISK_ERRORS = {errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EPERM, errno.EFBIG}
@@ -249,6 +251,40 @@ def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1"),
     uri = resolve_tracking_uri(ROOT.resolve())
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--host", host, "--port", str(port), "--workers", str(workers)])
+
+
+@server_app.command("mlflow")
+def server_mlflow(backend_store_uri: Optional[str] = typer.Option(None, help="postgresql+psycopg2://USER@HOST:PORT/DB or sqlite:///PATH (default: the project's mlflow/mlflow.db)."),
+                  artifacts: str = typer.Option("mlflow/artifacts", help="Artifact folder or s3://BUCKET/PREFIX (served through the server)."),
+                  host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0: every one)."),
+                  port: int = typer.Option(5000),
+                  workers: int = typer.Option(2, help="uvicorn workers."),
+                  auth: bool = typer.Option(False, "--auth", help="MLflow's basic-auth app (pip install 'mlflow[auth]').")) -> None:
+    """Run an MLflow tracking server until Ctrl-C; prints the MLFLOW_TRACKING_URI clients set.
+
+    Example: freezeflow server mlflow --backend-store-uri postgresql+psycopg2://mlflow@db/mlflow --artifacts s3://bucket/mlflow --host 0.0.0.0
+    """
+    from freezeflow.servers import mlflow_spec, serve
+
+    store = backend_store_uri or f"sqlite:///{(ROOT / 'mlflow' / 'mlflow.db').resolve()}"
+    code = serve(mlflow_spec(store, artifacts, host, port, workers, auth))
+    if code:
+        raise typer.Exit(code)
+
+
+@server_app.command("prefect")
+def server_prefect(host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0: every one)."),
+                   port: int = typer.Option(4200),
+                   database: Optional[str] = typer.Option(None, help="postgresql+asyncpg://USER@HOST:PORT/DB or sqlite+aiosqlite:///PATH (default: Prefect's sqlite under PREFECT_HOME).")) -> None:
+    """Run a Prefect server until Ctrl-C; prints the PREFECT_API_URL clients and workers set.
+
+    Example: freezeflow server prefect --host 0.0.0.0 --database postgresql+asyncpg://prefect@db/prefect
+    """
+    from freezeflow.servers import prefect_spec, serve
+
+    code = serve(prefect_spec(host, port, database))
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:
