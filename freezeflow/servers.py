@@ -54,6 +54,8 @@ def check_port_free(host: str, port: int, option: str = "--port") -> None:
     if not 1 <= port <= 65535:
         raise UserError(f"{option} {port}: not allowed; allowed: 1-65535")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        # as the servers do: closed connections in TIME_WAIT do not count, only a listener does
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except socket.gaierror:
@@ -110,14 +112,13 @@ def check_postgres(url: str, option: str) -> None:
 
 
 def check_sqlite_url(url: str, prefix: str, option: str) -> str:
-    """An absolute sqlite URL whose folder exists (created): servers may run from any folder."""
+    """An absolute sqlite URL (servers may run from any folder); make_folders creates its folder."""
     path = url.removeprefix(prefix).split("?")[0]
     if not path:
         raise UserError(f"{option} {url}: needs a file, e.g. {prefix}mlflow/mlflow.db")
     file = Path(path).expanduser().resolve()
     if file.is_dir():
         raise UserError(f"{option} {url}: {file} is a folder; allowed: a database file")
-    file.parent.mkdir(parents=True, exist_ok=True)
     return f"{prefix}{file}"
 
 
@@ -133,14 +134,13 @@ def check_backend_store_uri(uri: str) -> str:
 
 
 def check_artifacts(dest: str) -> str:
-    """A local folder (made absolute, created) or an object-store URI whose client library is installed."""
+    """A local folder (made absolute) or an object-store URI whose client library is installed."""
     option = "--artifacts"
     scheme = dest.split("://", 1)[0] if "://" in dest else ""
     if not scheme:
         folder = Path(dest).expanduser().resolve()
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{option} {dest}: {folder} is a file; allowed: a folder or s3://BUCKET/PREFIX")
-        folder.mkdir(parents=True, exist_ok=True)
         return str(folder)
     if scheme not in ARTIFACT_SCHEMES or not dest.split("://", 1)[1].strip("/"):
         raise UserError(f"{option} {dest}: not allowed; allowed: a folder, file:///PATH or "
@@ -173,6 +173,15 @@ def check_prefect_database(url: str) -> str:
     raise UserError(f"{option} {mask_password(url)}: not allowed{hint}; allowed: {PREFECT_DATABASES}")
 
 
+def make_folders(*locations: str) -> None:
+    """The folders of sqlite files and of local artifact destinations (servers do not create them)."""
+    for location in locations:
+        if location.startswith(("sqlite:///", "sqlite+aiosqlite:///")):
+            Path(location.split(":///", 1)[1].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+        elif "://" not in location:
+            Path(location).mkdir(parents=True, exist_ok=True)
+
+
 # ---- command lines -------------------------------------------------------------------------------
 
 def client_host(host: str) -> str:
@@ -195,6 +204,7 @@ def mlflow_spec(backend_store_uri: str, artifacts: str, host: str = LOCALHOST, p
     check_port_free(host, port)  # first: the checks below may create folders
     store = check_backend_store_uri(backend_store_uri)
     destination = check_artifacts(artifacts)
+    make_folders(store, destination)  # only now: a failed check leaves nothing behind
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--serve-artifacts",
                "--artifacts-destination", destination, "--host", host, "--port", str(port),
                "--workers", str(workers)]
@@ -217,6 +227,7 @@ def prefect_spec(host: str = LOCALHOST, port: int = PREFECT_PORT, database: str 
     env = dict(SERVER_ENV)
     if database:
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = check_prefect_database(database)
+        make_folders(database)
     api_url = f"http://{client_host(host)}:{port}/api"
     if client_host(host) != host:  # the UI's browser code must call the API by a name others resolve
         env["PREFECT_UI_API_URL"] = api_url
