@@ -215,3 +215,37 @@ def test_two_workers_share_a_postgres_study(project, postgres_url, monkeypatch):
             optuna.delete_study(study_name=name, storage=postgres_url)
         except KeyError:
             pass
+
+
+def report_visible_devices(queue) -> None:
+    import os
+
+    queue.put(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def test_gpus_are_checked_and_a_worker_sees_only_its_own(monkeypatch):
+    import multiprocessing
+    import os
+
+    import torch
+
+    from freezeflow.tune import parse_gpus, visible_gpu
+
+    assert parse_gpus(None) is None and parse_gpus("") is None
+    with pytest.raises(UserError, match="--gpus: 'a,1' is not allowed; allowed: comma-separated"):
+        parse_gpus("a,1")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device is available"):
+            parse_gpus("0")
+    # pinning as start_workers does it: a worker spawned inside visible_gpu("1") sees device 1 only,
+    # and this process keeps its own setting
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    with visible_gpu("1"):
+        child = context.Process(target=report_visible_devices, args=(queue,))
+        child.start()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert queue.get(timeout=120) == "1"
+    child.join(timeout=60)
+    assert child.exitcode == 0
