@@ -87,7 +87,7 @@ def stop_cli_server(process: subprocess.Popen, port: int, log: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_training_logs_to_an_mlflow_server_on_postgres(project, postgres_db, tmp_path):
+def test_training_logs_to_an_mlflow_server_on_postgres(project, postgres_db, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     port, artifacts, log = free_port(), tmp_path / "artifacts", tmp_path / "mlflow-server.log"
@@ -100,6 +100,8 @@ def test_training_logs_to_an_mlflow_server_on_postgres(project, postgres_db, tmp
         sets = [a for s in tiny_overrides(data, **{"train.epochs": 2}) for a in ("-S", s)]
         run([FREEZEFLOW, "train", *sets], project, {**os.environ, "MLFLOW_TRACKING_URI": uri})
 
+        # as a client configures it: runs:/ model URIs resolve through the global URI, not the client's
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("shapes")
         [finished] = client.search_runs([experiment.experiment_id])
@@ -107,10 +109,14 @@ def test_training_logs_to_an_mlflow_server_on_postgres(project, postgres_db, tmp
         assert finished.info.status == "FINISHED" and finished.data.params["train.epochs"] == "2"
         for key in ("val_accuracy", "train_loss", "time_per_epoch_s"):  # one point per epoch
             assert len(client.get_metric_history(run_id, key)) == 2, key
-        assert "model" in {a.path for a in client.list_artifacts(run_id)}
-        # proxied artifacts: the files sit in the server's folder, under the run's id
-        stored = [p for p in artifacts.rglob("MLmodel") if run_id in p.parts]
-        assert stored, sorted(str(p) for p in artifacts.rglob("*"))[:20]
+        assert {"model/MLmodel", "model/model.json", "model/weights"} <= \
+            {a.path for a in client.list_artifacts(run_id, "model")}
+        # proxied artifacts: the files sit in the server's folder (the run's plots under its id, the
+        # logged model under its model id), not in the project
+        model_id = finished.data.tags["model_id"]
+        files = sorted(str(p.relative_to(artifacts)) for p in artifacts.rglob("*") if p.is_file())
+        assert any(model_id in f and f.endswith("MLmodel") for f in files), files
+        assert any(run_id in f and f.endswith("learning_curves.png") for f in files), files
         assert not (project / "mlflow").exists()  # nothing fell back to the local store
     finally:
         stop_cli_server(server, port, log)
@@ -171,7 +177,8 @@ def test_bad_server_options_are_one_line_errors(tmp_path):
     dead = free_port()  # nothing listens there
     unreachable = run_server_cli(["mlflow", "--backend-store-uri",
                                   f"postgresql+psycopg2://postgres@127.0.0.1:{dead}/mlflow"], tmp_path).stderr
-    assert f"cannot reach PostgreSQL at 127.0.0.1:{dead}: start it or pass --backend-store-uri sqlite:///" in unreachable
+    assert f"cannot reach PostgreSQL at 127.0.0.1:{dead}: start it or pass --backend-store-uri sqlite:///" \
+        in unreachable
     assert "allowed: postgresql" in run_server_cli(["mlflow", "--backend-store-uri", "mysql://u@h/db"], tmp_path).stderr
     bad_artifacts = run_server_cli(["mlflow", "--artifacts", "ftp://host/x"], tmp_path).stderr
     assert "--artifacts ftp://host/x: not allowed; allowed: a folder" in bad_artifacts
