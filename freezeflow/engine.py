@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from freezeflow import distributed
 from freezeflow.augment import augment_batch
 from freezeflow.checkpoint import load_trusted, save_atomic
 from freezeflow.errors import UserError
@@ -117,14 +118,31 @@ def prefetch(batches: Batches, order: np.ndarray, batch_size: int, pin: bool) ->
         yield item
 
 
+class Suffix(torch.nn.Module):
+    """The stages from `start` on, as one module: what DistributedDataParallel wraps."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        return self.model.forward_from(x, start)
+
+
 class Trainer:
-    """State of one training run; `run()` trains from the current epoch to the end."""
+    """State of one training run; `run()` trains from the current epoch to the end.
+
+    Under torchrun (see `freezeflow.distributed`) the same code runs on every rank: each trains on
+    its slice of every global batch through DistributedDataParallel; only rank 0 writes and reports.
+    """
 
     def __init__(self, model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
                  split: dict[str, np.ndarray], params: TrainParams, plan: FreezePlan,
                  mean_std: tuple, data_key: str, checkpoint: Path | None,
                  feature_root: Path | None, callbacks: list | None = None):
         self.params, self.plan, self.data_key = params, plan, data_key
+        self.world = distributed.current()
+        distributed.check_batch_size(params.batch_size, self.world)
         self.device = resolve_device(params.device)
         self.amp = resolve_amp(params.amp, self.device)
         self.model = model.to(self.device)
@@ -140,6 +158,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * params.epochs
         self.frozen = plan.frozen_count(0, 0.0)
         apply_freeze(self.model, self.frozen)
+        self.net = self.wrap_trainable()
         self.optimizer = make_optimizer(self.model, params.optimizer, params.lr, params.weight_decay,
                                         params.momentum, plan, self.frozen)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
@@ -153,10 +172,21 @@ class Trainer:
             for stage in self.model.stages:
                 stage.compile()
 
-    def notify_feature_progress(self, label: str, done: int, total: int) -> None:
+    def wrap_trainable(self) -> torch.nn.Module:
+        """The trainable suffix's forward: plain, or through DDP (which averages its gradients)."""
+        suffix = Suffix(self.model)
+        return distributed.wrap_ddp(suffix, self.device) if self.world.enabled else suffix
+
+    def notify(self, event: str, *args) -> None:
+        """Callbacks (progress bars, MLflow, Optuna) run on rank 0 only: one report per run."""
+        if not self.world.is_main:
+            return
         for cb in self.callbacks:
-            if hasattr(cb, "on_feature_progress"):
-                cb.on_feature_progress(label, done, total)
+            if hasattr(cb, event):
+                getattr(cb, event)(*args)
+
+    def notify_feature_progress(self, label: str, done: int, total: int) -> None:
+        self.notify("on_feature_progress", label, done, total)
 
     def use_cache(self, params: TrainParams) -> bool:
         deterministic = not params.augment.enabled or params.augment_views > 0
@@ -173,7 +203,7 @@ class Trainer:
         run_root = self.checkpoint.parent / "run-features" if self.checkpoint else None
         return FeatureCache(self.model, self.images, self.split, self.normalize, self.device, key_fn, root,
                             params.feature_memory_mb, params.augment, params.augment_views, params.seed,
-                            run_root=run_root)
+                            run_root=run_root, world=self.world)
 
     # ---- one epoch -------------------------------------------------------------------------
     def epoch_source(self) -> Batches:
@@ -188,6 +218,8 @@ class Trainer:
         if frozen != self.frozen:
             self.frozen = frozen
             apply_freeze(self.model, frozen)
+            if self.world.enabled:  # DDP registers the parameters that require grad at construction
+                self.net = self.wrap_trainable()
             sync_optimizer(self.optimizer, self.model, self.params.lr, self.plan, frozen)
             set_train_mode(self.model, frozen)
         if self.cache is not None:
@@ -206,7 +238,7 @@ class Trainer:
                 with torch.no_grad():
                     for stage in self.model.stages[level:self.frozen]:
                         x = stage(x)
-            return self.model.forward_from(x, max(level, self.frozen))
+            return self.net(x, max(level, self.frozen))
 
     def prepare_input(self, x: torch.Tensor, level: int, gen: torch.Generator) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -224,28 +256,38 @@ class Trainer:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def epoch_generators(self) -> tuple[torch.Generator, torch.Generator]:
+        """(order, augmentation) generators: the order is the same on every rank (global batches),
+        augmentation and dropout draw per rank; rank 0 draws what a single process draws."""
+        seed = self.params.seed * 1_000_003 + self.epoch
+        torch.manual_seed(seed + 7919 * self.world.rank)  # dropout: same stream on resume
+        gen = torch.Generator().manual_seed(seed)
+        return gen, gen if self.world.is_main else torch.Generator().manual_seed(seed + 7919 * self.world.rank)
+
     def train_epoch(self) -> tuple[float, float, float, float]:
         """One pass over the train split. Returns (loss, accuracy, seconds, data-wait seconds)."""
-        torch.manual_seed(self.params.seed * 1_000_003 + self.epoch)  # dropout: same stream on resume
-        gen = torch.Generator().manual_seed(self.params.seed * 1_000_003 + self.epoch)
+        gen, aug_gen = self.epoch_generators()
         start = time.perf_counter()  # epoch time includes building/extending the feature cache
         self.update_freezing(self.step / self.total_steps)
         source = self.epoch_source()
         set_train_mode(self.model, self.frozen)
         n = len(self.split["train"])
         order = torch.randperm(n, generator=gen).numpy()[: self.steps_per_epoch * self.params.batch_size]
+        order = distributed.shard_order(order, self.params.batch_size, self.world)  # this rank's slices
         loss_sum = correct = seen = 0.0
         wait, t_ready = 0.0, time.perf_counter()
-        for x_cpu, chunk in prefetch(source, order, self.params.batch_size, self.device.type == "cuda"):
+        local_batch = self.params.batch_size // self.world.size
+        for x_cpu, chunk in prefetch(source, order, local_batch, self.device.type == "cuda"):
             wait += time.perf_counter() - t_ready
             if self.plan.strategy == "freezeout":
                 self.update_freezing(self.step / self.total_steps)
             self.set_lrs(self.step / self.steps_per_epoch)
             y = self.labels[self.split["train"][chunk]].to(self.device, non_blocking=True)
-            loss, hits = self.train_step(self.prepare_input(x_cpu, source.level, gen), source.level, y)
+            loss, hits = self.train_step(self.prepare_input(x_cpu, source.level, aug_gen), source.level, y)
             loss_sum, correct, seen = loss_sum + loss * len(y), correct + hits, seen + len(y)
             self.step += 1
             t_ready = time.perf_counter()
+        loss_sum, correct, seen = distributed.sum_values([loss_sum, correct, seen])
         return loss_sum / seen, correct / seen, time.perf_counter() - start, wait
 
     def train_step(self, x: torch.Tensor, level: int, y: torch.Tensor) -> tuple[float, int]:
@@ -277,15 +319,19 @@ class Trainer:
         return torch.cat(out)
 
     def validate(self) -> tuple[float, float]:
+        """Every rank scores val; rank 0's result decides (best epoch, early stopping) everywhere."""
         logits = self.predict_split("val")
         y = self.labels[self.split["val"]]
-        return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+        result = (F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item())
+        return distributed.broadcast_object(result)
 
     # ---- the run -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
         stopped_early = False
         if self.epoch == 0 and self.cache is not None:
-            self.cache.reset_run_local()
+            with distributed.main_first():
+                if self.world.is_main:
+                    self.cache.reset_run_local()
         while self.epoch < self.params.epochs:
             loss, acc, seconds, wait = self.train_epoch()
             val_loss, val_acc = self.validate()
@@ -300,8 +346,7 @@ class Trainer:
                 self.best = {"epoch": self.epoch, "val_accuracy": val_acc,
                              "state": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
             self.save_checkpoint()
-            for cb in self.callbacks:
-                cb.on_epoch_end(report)
+            self.notify("on_epoch_end", report)
             if self.params.early_stopping and self.epoch - self.best["epoch"] >= self.params.early_stopping:
                 stopped_early = True
                 break
@@ -331,7 +376,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and self.world.is_main:
             save_atomic(self.state_dict(), self.checkpoint)
 
     def load_checkpoint(self, path: Path) -> None:
@@ -346,6 +391,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.params.optimizer, self.params.lr,
                                         self.params.weight_decay, self.params.momentum, self.plan, self.frozen)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.world.enabled:
+            self.net = self.wrap_trainable()
         self.scaler.load_state_dict(state["scaler"])
         self.plateau.load_state_dict(state["plateau"])
         self.epoch, self.step = state["epoch"], state["step"]

@@ -22,10 +22,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from freezeflow import distributed
 from freezeflow.augment import augment_batch
 from freezeflow.params import AugmentParams
 
-FEATURE_VERSION = 2  # 2: BatchNorm folded into convs for extraction
+FEATURE_VERSION = 3  # 2: BatchNorm folded into convs for extraction; 3: augmentation seeded per batch
 
 
 @torch.no_grad()
@@ -94,13 +95,14 @@ class FeatureCache:
                  normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
                  key_fn: Callable[[int], str], root: Path | None, memory_mb: int,
                  augment: AugmentParams | None, views: int, seed: int, batch_size: int = 256,
-                 run_root: Path | None = None):
+                 run_root: Path | None = None, world: distributed.World | None = None):
         self.model, self.images, self.split = model, images, split
         self.normalize, self.device, self.key_fn = normalize, device, key_fn
         self.root, self.memory_bytes = root, memory_mb * 2**20
         self.augment, self.views, self.seed, self.batch_size = augment, views, seed, batch_size
         self.progress: Callable[[str, int, int], None] | None = None  # (label, done, total), e.g. a bar
         self.run_root = run_root  # where run-local (trained-prefix) levels live, for an exact resume
+        self.world = world or distributed.World()  # under torchrun each rank builds a part of each level
         self.current: tuple[int, dict[str, np.ndarray]] | None = None  # (level, split -> features)
         self.trained_from: int | None = None  # lowest stage index this run has trained
         self.builds = 0  # how many levels were computed (not loaded): for tests and reports
@@ -127,14 +129,16 @@ class FeatureCache:
         pretrained = self.trained_from is None or k <= self.trained_from
         if pretrained:
             folder = self.root / self.key_fn(k) if self.root is not None else None
-            build = lambda: self.compute(name, k)  # noqa: E731
+            build = lambda part: self.compute(name, k, part)  # noqa: E731
         else:
             folder = self.run_root / f"L{k}" if self.run_root is not None else None
             if previous is not None and name in previous[1]:
-                build = lambda: self.extend(previous[1][name], previous[0], k)  # noqa: E731
+                build = lambda part: self.extend(previous[1][name], previous[0], k, part)  # noqa: E731
             else:
-                build = lambda: self.compute(name, k)  # noqa: E731
-        return self.load_or_build(folder / f"{name}.npy", build) if folder is not None else build()
+                build = lambda part: self.compute(name, k, part)  # noqa: E731
+        if folder is None:  # nowhere to share parts: every rank builds the whole level
+            return build(None)
+        return self.load_or_build(folder / f"{name}.npy", build, len(self.split[name]))
 
     def reset_run_local(self) -> None:
         """A fresh (not resumed) run: features of an earlier run's trained prefix are stale."""
@@ -144,57 +148,82 @@ class FeatureCache:
     def views_for(self, name: str) -> int:
         return max(self.views, 1) if name == "train" else 1
 
+    def batch_starts(self, n: int, part: tuple[int, int] | None) -> range:
+        """Row offsets of the batches to compute: all, or batches [lo, hi) of this rank's part."""
+        lo, hi = part if part is not None else (0, -(-n // self.batch_size))
+        return range(lo * self.batch_size, min(hi * self.batch_size, n), self.batch_size)
+
     @torch.no_grad()
-    def compute(self, name: str, k: int) -> np.ndarray:
-        """(V, N, ...) fp16 on the CPU: run images of split `name` through stages 0..k-1."""
+    def compute(self, name: str, k: int, part: tuple[int, int] | None = None) -> np.ndarray:
+        """(V, n, ...) fp16 on the CPU: images of split `name` (all, or the batches of `part`)
+        through stages 0..k-1. Augmentation is seeded per (view, batch): parts match a whole build."""
         self.builds += 1
         for stage in self.model.stages[:k]:
             stage.eval()  # frozen stages: running statistics, never batch statistics
         idx = self.split[name]
+        starts = self.batch_starts(len(idx), part)
         example = self.normalize(torch.from_numpy(self.images[idx[:2]]).to(self.device))
         prefix = make_inference_prefix(list(self.model.stages[:k]), example)
-        out: torch.Tensor | None = None
-        total = self.views_for(name) * len(idx)
-        for view in range(self.views_for(name)):
-            gen = torch.Generator().manual_seed(self.seed * 7919 + view)
-            for start in range(0, len(idx), self.batch_size):
+        views, first = self.views_for(name), starts.start if starts else 0
+        n_rows = min(starts.stop, len(idx)) - first if starts else 0
+        out = torch.empty((views, n_rows, *prefix(example[:1]).shape[1:]), dtype=torch.float16)  # (V, n, ...)
+        for view in range(views):
+            for i, start in enumerate(starts):
                 rows = idx[start:start + self.batch_size]
                 x = self.normalize(torch.from_numpy(self.images[rows]).to(self.device))
                 if name == "train" and self.views:
+                    gen = torch.Generator().manual_seed((self.seed * 7919 + view) * 1_000_003 + start)
                     x = augment_batch(x, self.augment, gen)
                 x = prefix(x.contiguous(memory_format=torch.channels_last))
-                if out is None:
-                    out = torch.empty((self.views_for(name), len(idx), *x.shape[1:]), dtype=torch.float16)
-                out[view, start:start + len(rows)] = x.to("cpu", torch.float16)
+                out[view, start - first:start - first + len(rows)] = x.to("cpu", torch.float16)
                 if self.progress is not None:
-                    self.progress(f"features {name} (stages 0..{k - 1})", view * len(idx) + start + len(rows), total)
+                    self.progress(f"features {name} (stages 0..{k - 1})", view * len(starts) + i + 1,
+                                  views * len(starts))
         return out.numpy()
 
     @torch.no_grad()
-    def extend(self, src: np.ndarray, k0: int, k: int) -> np.ndarray:
+    def extend(self, src: np.ndarray, k0: int, k: int, part: tuple[int, int] | None = None) -> np.ndarray:
         """Apply stages k0..k-1 to cached level-k0 features (V, N, ...) (no image is touched)."""
         self.builds += 1
         for stage in self.model.stages[k0:k]:
             stage.eval()
         example = torch.from_numpy(np.array(src[0, :2])).to(self.device).float()
         prefix = make_inference_prefix(list(self.model.stages[k0:k]), example)
+        starts = self.batch_starts(src.shape[1], part)
         chunks = []
         for view in range(src.shape[0]):
-            parts = []
-            for start in range(0, src.shape[1], self.batch_size):
+            for start in starts:
                 x = torch.from_numpy(np.array(src[view, start:start + self.batch_size]))  # copy: memmap is read-only
                 x = prefix(x.to(self.device).float().contiguous(memory_format=torch.channels_last))
-                parts.append(x.to("cpu", torch.float16).contiguous())
-            chunks.append(torch.cat(parts))
-        return torch.stack(chunks).numpy()
+                chunks.append(x.to("cpu", torch.float16).contiguous())
+        if not chunks:
+            return np.empty((src.shape[0], 0, *prefix(example[:1]).shape[1:]), dtype=np.float16)
+        return torch.cat(chunks).unflatten(0, (src.shape[0], -1)).numpy()
 
-    def load_or_build(self, path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
-        if not path.exists():
-            write_array(path, build())
+    def load_or_build(self, path: Path, build: Callable, n: int) -> np.ndarray:
+        """Load a level's split from disk, or build it first (by parts across ranks under torchrun)."""
+        if not distributed.broadcast_object(path.exists()):  # rank 0 decides: all ranks take one branch
+            if self.world.enabled:
+                self.build_shared(path, build, n)
+            else:
+                write_array(path, build(None))
         array = np.load(path, mmap_mode="r")
         if array.nbytes <= self.memory_bytes:  # small enough: hold in RAM, else stay memory-mapped
             array = np.ascontiguousarray(array)
         return array
+
+
+    def build_shared(self, path: Path, build: Callable, n: int) -> None:
+        """Each rank computes its contiguous run of batches; rank 0 joins the parts in rank order."""
+        part_path = path.with_name(f".{path.stem}.part{self.world.rank}.npy")
+        write_array(part_path, build(distributed.split_range(-(-n // self.batch_size), self.world)))
+        distributed.barrier()
+        if self.world.is_main:
+            parts = [path.with_name(f".{path.stem}.part{r}.npy") for r in range(self.world.size)]
+            write_array(path, np.concatenate([np.load(p, mmap_mode="r") for p in parts], axis=1))
+            for p in parts:
+                p.unlink()
+        distributed.barrier()
 
 
 def write_array(path: Path, array: np.ndarray) -> None:

@@ -58,10 +58,15 @@ def prepare_step(params: Params, root: Path, progress: Callable | None = None):
 def train_step(params: Params, root: Path, resume: bool = False, track: bool = True,
                allow_dirty_data: bool = False, run_name: str | None = None, tags: dict | None = None,
                callbacks: list | None = None) -> dict:
-    """check data -> train (prepares first if needed) -> metrics; logged to MLflow when `track`."""
-    data_info = check_data(params, root, allow_dirty_data)
+    """check data -> train (prepares first if needed) -> metrics; logged to MLflow when `track`.
+
+    Under torchrun every rank runs this; rank 0 alone checks the data and logs to MLflow."""
+    from freezeflow.distributed import is_main_process
+
+    main = is_main_process()
+    data_info = check_data(params, root, allow_dirty_data) if main else {}
     params = resolve_data_params(params, root)
-    if not track:
+    if not track or not main:
         from freezeflow.train import run_training
 
         return run_training(params, root, resume=resume, callbacks=callbacks)
@@ -72,6 +77,22 @@ def train_step(params: Params, root: Path, resume: bool = False, track: bool = T
         extra["dvc_data_md5"] = data_info["dvc_hash"]
     return tracked_training(params, root, resume=resume, run_name=run_name, extra_tags=extra,
                             callbacks=callbacks or [])
+
+
+def launch_training(params: Params, root: Path, nproc: int, args: list[str], allow_dirty_data: bool = False,
+                    debug: bool = False) -> int:
+    """`freezeflow train --nproc N`: check once here (one clear error), then torchrun N ranks of
+    `freezeflow train` with the same arguments. Returns torchrun's exit code."""
+    import subprocess
+
+    from freezeflow.distributed import build_launch_command, check_batch_size, World
+    from freezeflow.train import validate_params
+
+    validate_params(params)
+    check_batch_size(params.train.batch_size, World(size=nproc))
+    check_data(params, root, allow_dirty_data)
+    command = build_launch_command(nproc, "freezeflow.cli", [*(["--debug"] if debug else []), "train", *args])
+    return subprocess.run(command, cwd=root).returncode
 
 
 def evaluate_step(params: Params, root: Path, model_uri: str | None = None) -> dict:

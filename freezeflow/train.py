@@ -1,7 +1,8 @@
 """train: prepared data + params -> trained model, metrics and history. Core only (no MLflow/Prefect).
 
 `run_training` is what `freezeflow train`, the DVC `train` stage and the Prefect `train` task call.
-`python -m freezeflow.train -S train.epochs=3` runs it on a bare GPU box.
+`python -m freezeflow.train -S train.epochs=3` runs it on a bare GPU box;
+`torchrun --nproc-per-node N -m freezeflow.train ...` runs it data-parallel (see `distributed`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from freezeflow import distributed
 from freezeflow.backbones import build_backbone, min_image_size, normalization
 from freezeflow.engine import Trainer, TrainResult
 from freezeflow.errors import ParamsError, UserError
@@ -83,11 +85,13 @@ def run_training(params: Params, root: Path = Path("."), resume: bool = False, c
                  progress=None) -> dict:
     """Prepare (or reuse) the data, train, evaluate on val and test, write model + reports."""
     validate_params(params)
+    world = distributed.init_distributed(params.train.device)  # under torchrun: join the group
     layout = Layout(Path(root))
     data_params = params.data
     if not Path(data_params.dir).is_absolute():
         data_params = replace(data_params, dir=str(layout.root / data_params.dir))
-    prepared = prepare_dataset(data_params, layout.prepared, progress)
+    with distributed.main_first():  # rank 0 decodes the images once, the others open its cache
+        prepared = prepare_dataset(data_params, layout.prepared, progress if world.is_main else None)
     trainer = build_trainer(params, prepared, layout, callbacks or [])
     if resume:
         if not layout.checkpoint.exists():
@@ -98,8 +102,10 @@ def run_training(params: Params, root: Path = Path("."), resume: bool = False, c
     test_logits = trainer.predict_split("test")
     y_test = prepared.labels[prepared.split["test"]]
     test = summarize_predictions(y_test, test_logits.argmax(1).numpy(), prepared.classes)
-    metrics = summarize_run(result, test["accuracy"], params, prepared)
-    write_outputs(trainer, prepared, params, metrics, result, layout)
+    metrics = summarize_run(result, test["accuracy"], params, prepared) | {"processes": world.size}
+    if world.is_main:
+        write_outputs(trainer, prepared, params, metrics, result, layout)
+    distributed.barrier()  # the others return once the outputs exist
     return metrics
 
 
@@ -152,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(json.dumps({k: metrics[k] for k in ("val_accuracy", "test_accuracy", "train_time_s")}))
+    finally:
+        distributed.close_distributed()
+    if distributed.is_main_process():
+        print(json.dumps({k: metrics[k] for k in ("val_accuracy", "test_accuracy", "train_time_s", "processes")}))
     return 0
 
 
