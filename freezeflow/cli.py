@@ -117,18 +117,29 @@ def prepare(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=S
 def train(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=SET_HELP),
           resume: bool = typer.Option(False, "--resume", help="Continue from checkpoints/last.pt."),
           track: bool = typer.Option(True, help="Log the run to MLflow."),
-          allow_dirty_data: bool = typer.Option(False, help="Train even if data/ differs from data.dvc.")) -> None:
+          allow_dirty_data: bool = typer.Option(False, help="Train even if data/ differs from data.dvc."),
+          nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes (torchrun): one per GPU, or "
+                                    "CPU processes with gloo.")) -> None:
     """Fine-tune a pretrained backbone with the configured freezing; writes models/ and reports/.
 
     Example: freezeflow train -S train.freeze.strategy=until -S train.freeze.until=4 -S train.epochs=5
+    Example: freezeflow train --nproc 4   (DistributedDataParallel on 4 GPUs; same as torchrun
+             --nproc-per-node 4 -m freezeflow.cli train)
     """
-    from freezeflow.pipeline import train_step
+    from freezeflow.distributed import is_main_process
+    from freezeflow.pipeline import launch_training, train_step
     from freezeflow.progress import EpochProgress
 
     params = load(sets)
+    if nproc != 1:
+        args = [*(f"-S{s}" for s in sets or []), *(["--resume"] if resume else []),
+                *([] if track else ["--no-track"]), *(["--allow-dirty-data"] if allow_dirty_data else [])]
+        raise typer.Exit(launch_training(params, ROOT, nproc, args, allow_dirty_data, STATE["debug"]))
     with EpochProgress(params.train.epochs) as progress:
         metrics = train_step(params, ROOT, resume=resume, track=track, allow_dirty_data=allow_dirty_data,
                              callbacks=[progress])
+    if not is_main_process():
+        return
     echo(f"val_accuracy {metrics['val_accuracy']:.4f}  test_accuracy {metrics['test_accuracy']:.4f}  "
          f"train_time {metrics['train_time_s']:.1f}s  -> models/, reports/metrics.json")
 
