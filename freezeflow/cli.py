@@ -239,7 +239,7 @@ def report(runs: Optional[List[str]] = typer.Argument(None, help="MLflow run ids
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
-    """Benchmarks side by side (suites: recipes, loader, limit); results in bench/results/.
+    """Benchmarks side by side (suites: recipes, loader, limit, sweep, peers, gpu); results in bench/results/.
 
     Example: freezeflow bench recipes loader --repeats 3 --epochs 10   (see: python -m freezeflow.bench --help)
     """
