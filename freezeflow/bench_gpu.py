@@ -81,7 +81,8 @@ def make_gpu_context(ctx: bench.Context) -> tuple[bench.Context, Path, str | Non
     start = time.perf_counter()
     prepared = prepare_dataset(bench.make_params(settings, "head", 0).data, out_root)
     bench.log(f"prepared {len(prepared.labels)} images at {IMAGE_SIZE} px in {time.perf_counter() - start:.1f} s")
-    return replace(ctx, settings=settings, prepared=prepared), out_root, note
+    names = list(build_backbone(BACKBONE, "none").stage_names)  # make_spec's `until` k counts these stages
+    return replace(ctx, settings=settings, prepared=prepared, stage_names=names, stage_flops=[]), out_root, note
 
 
 def make_gpu_spec(ctx: bench.Context, out_root: Path, name: str, kind: str, strategy: str, **extra) -> dict:
@@ -213,7 +214,8 @@ def run(ctx: bench.Context, pool) -> dict:
 def render(report: dict) -> list[str]:
     g = report["gpu_settings"]
     out = [f"{g['backbone']} at {g['image_size']} px, weights {g['weights']}, device {g['device']}, "
-           f"channels_last; {g['train_images']} train images.", ""]
+           f"channels_last; {g['train_images']} train images (these replace the Settings line's backbone, image "
+           "size and weights).", ""]
     if report["weights_note"]:
         out += [f"Note: {report['weights_note']}", ""]
     rows = [[c["name"], c["batch_size"], c["amp"], c.get("steps", c.get("epochs")), format_rate(c),
