@@ -1,15 +1,20 @@
-"""bench: freezeflow against the plain torchvision recipe, the data loader, and the inference limit.
+"""bench: freezeflow side by side with the plain torchvision recipe, its peers and the hardware's limits.
 
-    python -m freezeflow.bench [recipes] [loader] [limit] [--repeats 3] [--epochs 10] [--image-size 64]
+    python -m freezeflow.bench [SUITE ...] [--repeats 3] [--epochs 10] [--image-size 64]
         [--backbone efficientnet_lite0] [--data data/digits] [--out bench/results] [--tiny]
 
-Suites (all three when none is named):
+Suites (all when none is named; a suite this machine cannot run is skipped with the reason):
   recipes  the textbook recipe (torchvision ImageFolder + PIL transforms + DataLoader, full forward every
            epoch, model.train(), fp32, AdamW) against `run_training`, per freezing strategy.
   loader   images/s of ImageFolder + PIL transforms (num_workers 0 and 2) against batches gathered from
            freezeflow's prepared uint8 cache, without and with augmentation.
   limit    one eval inference pass over the train images (already a tensor in memory) against
            freezeflow's `head` training time.
+  sweep    an Optuna sweep with pruning + the shared feature cache against both off, beside one plain
+           training (bench_sweep.py; needs the pipeline extras).
+  peers    fastai and PyTorch Lightning on the same task (bench_peers.py; `pip install -e .[bench]`).
+  gpu      resnet50 at 224 px, AMP + channels_last: freezeflow's loop vs a bare step on GPU tensors, and
+           `head` vs the plain recipe (bench_gpu.py; needs CUDA).
 
 Every contender runs in a fresh spawned process (peak RSS is per contender; `--tiny` shares one worker
 to stay fast), and contenders run alternately (repeat 1: A, B, C...; repeat 2: A, B, C...) so that
@@ -25,6 +30,7 @@ import copy
 import datetime
 import functools
 import hashlib
+import importlib
 import json
 import math
 import multiprocessing
@@ -60,7 +66,10 @@ from freezeflow.params import AugmentParams, Params, load_params
 from freezeflow.prepare import Prepared, load_prepared, prepare_dataset
 from freezeflow.train import run_training
 
-SUITES = ("recipes", "loader", "limit")
+SUITES = ("recipes", "loader", "limit", "sweep", "peers", "gpu")
+# suites in their own modules, imported only when they run: each has check_ready(settings) -> reason to skip
+# or None, run(ctx, pool) -> report body, render(report) -> Markdown lines
+EXTRA_SUITES = {"sweep": "freezeflow.bench_sweep", "peers": "freezeflow.bench_peers", "gpu": "freezeflow.bench_gpu"}
 STRATEGIES = ("head", "until", "gradual", "freezeout", "none")
 # --slow-repeats applies to every recipes contender but the head pair (minutes per run on a small CPU)
 SLOW_CONTENDERS = tuple(f"{recipe}-{strategy}" for strategy in ("until", "gradual", "freezeout", "none")
@@ -90,6 +99,8 @@ class Settings:
     threads: int  # torch intra-op threads per contender; 0 = torch's default
     tiny: bool
     isolate: bool  # one fresh process per contender (False only for --tiny)
+    trials: int = 12  # sweep suite: trials per study
+    device: str = "auto"  # auto | cpu | cuda; the gpu suite needs cuda unless --device cpu (smoke test only)
 
 
 @dataclass(frozen=True)
@@ -125,16 +136,19 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--data", default="data/digits")
     parser.add_argument("--params", default="params", help="params folder (bench pins the keys it compares)")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--trials", type=int, default=12, help="sweep suite: trials per study")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="gpu suite: cuda (auto) or cpu to smoke-test its code without a GPU")
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run on a generated dataset")
     args = parser.parse_args(argv)
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         parser.error(f"unknown suite {unknown[0]!r}; allowed: {', '.join(SUITES)}")
-    if min(args.repeats, args.epochs) < 1 or min(args.slow_repeats, args.threads) < 0:
-        parser.error("--repeats and --epochs must be >= 1, --slow-repeats and --threads >= 0")
+    if min(args.repeats, args.epochs, args.trials) < 1 or min(args.slow_repeats, args.threads) < 0:
+        parser.error("--repeats, --epochs and --trials must be >= 1, --slow-repeats and --threads >= 0")
     return Settings(tuple(args.suites) or SUITES, args.repeats, args.epochs, args.image_size, args.backbone,
                     args.weights, args.data, args.out, args.params, args.batch_size, args.slow_repeats,
-                    args.threads, args.tiny, not args.tiny)
+                    args.threads, args.tiny, not args.tiny, args.trials, args.device)
 
 
 def shrink_settings(settings: Settings, data_dir: Path) -> Settings:
@@ -270,13 +284,19 @@ def run_contender(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     runners = {"freezeflow": run_freezeflow, "plain": run_plain, "inference": run_inference,
                "loader": run_loader}
-    result = runners[spec["kind"]](spec)
+    result = (runners.get(spec["kind"]) or resolve_runner(spec["runner"]))(spec)
     result["baseline_rss_mb"] = baseline  # after importing torch, before any work
     result["torch_threads"] = torch.get_num_threads()
     result["peak_rss_mb"] = read_peak_rss_mb()
     result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() \
         else None
     return result
+
+
+def resolve_runner(reference: str):
+    """A contender defined in another module, named "module:function" (peers, sweep, gpu suites)."""
+    module, name = reference.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def read_peak_rss_mb() -> float:
@@ -734,7 +754,8 @@ def render_markdown(suite: str, report: dict) -> str:
             "Settings: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items() if k != "suites"),
             f"Code: commit {report['code']['commit']}, uncommitted: {report['code']['dirty'] or 'none'}", ""]
     head += [f"Note: {note}" for note in report["notes"]] + ([""] if report["notes"] else [])
-    body = {"recipes": render_recipes, "loader": render_loader, "limit": render_limit}[suite](report)
+    renders = {"recipes": render_recipes, "loader": render_loader, "limit": render_limit}
+    body = renders[suite](report) if suite in renders else importlib.import_module(EXTRA_SUITES[suite]).render(report)
     targets = ["", "| target | criterion | value | met |", "|---|---|---|---|"]
     targets += [f"| {t['name']} | {t['criterion']} | {t['value']} | {'yes' if t['met'] else 'NO'} |"
                 for t in report["targets"]]
@@ -806,6 +827,19 @@ def write_report(ctx: Context, suite: str, body: dict) -> Path:
     return path
 
 
+def pick_suite(suite: str, settings: Settings):
+    """The suite's run function, or None (with the reason logged) when this machine cannot run it."""
+    builtin = {"recipes": run_recipes, "loader": run_loader_suite, "limit": run_limit}
+    if suite in builtin:
+        return builtin[suite]
+    module = importlib.import_module(EXTRA_SUITES[suite])
+    reason = module.check_ready(settings)
+    if reason:
+        log(f"skipped suite {suite}: {reason}")
+        return None
+    return module.run
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     work = Path(tempfile.mkdtemp(prefix="freezeflow-bench-"))
@@ -814,10 +848,12 @@ def main(argv: list[str] | None = None) -> int:
             settings = shrink_settings(settings, write_tiny_dataset(work / "tiny"))
         ctx = build_context(settings, work)
         log(f"prepared {len(ctx.prepared.labels)} images in {ctx.prepare_time_s:.1f} s; machine {ctx.machine['slug']}")
-        suites = {"recipes": run_recipes, "loader": run_loader_suite, "limit": run_limit}
         with open_runner(settings.isolate) as pool:
             for suite in settings.suites:
-                path = write_report(ctx, suite, suites[suite](ctx, pool))
+                run_suite = pick_suite(suite, settings)
+                if run_suite is None:
+                    continue
+                path = write_report(ctx, suite, run_suite(ctx, pool))
                 log(f"wrote {path} and {path.with_suffix('.md')}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
