@@ -52,6 +52,8 @@ PEERS = {"fastai-freeze-one-cycle": ("run_fastai", "freeze + fit_one_cycle", "on
 PAIRS = (("fastai-freeze-one-cycle", "freezeflow-head"), ("fastai-fine-tune", "freezeflow-gradual"),
          ("lightning-frozen", "freezeflow-head"), ("lightning-backbone-ft", "freezeflow-gradual"))
 CROSS_CHECKS = (("fastai-fine-tune", "freezeflow-none"), ("lightning-backbone-ft", "freezeflow-none"))
+# --slow-repeats applies to every contender but these (seconds per run, not minutes)
+FAST = ("freezeflow-head", "lightning-frozen")
 CROSS_CHECK_REPEATS = 1  # freezeflow-none only feeds the cross-check: one run keeps the suite near 30 min on 2 cores
 VAL_TOLERANCE = 0.01  # absolute: freezeflow's val accuracy may be at most this much below the peer's
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "FASTAI_HOME": "", "DO_NOT_TRACK": "1"}  # FASTAI_HOME set per run
@@ -87,7 +89,8 @@ def run(ctx: bench.Context, pool) -> dict:
 
 
 def list_peer_notes(ctx: bench.Context, contenders: list[dict]) -> list[str]:
-    notes = [f"{c['name']} ran {c['repeats']} time(s) (cross-check only), the others {ctx.settings.repeats}"
+    notes = [f"{c['name']} ran {c['repeats']} time(s)" + (" (cross-check only)" if c["contender"] == "freezeflow-none"
+             else " (--slow-repeats)") + f", --repeats is {ctx.settings.repeats}"
              for c in contenders if c["repeats"] < ctx.settings.repeats]
     if ctx.settings.epochs < 2:
         notes.append("fastai-fine-tune ran 2 epochs: fine_tune needs at least one frozen and one unfrozen epoch")
@@ -112,15 +115,22 @@ def check_weights(settings, backbone: str) -> str | None:
 
 def make_specs(ctx: bench.Context, backbone: str) -> list[dict]:
     sub = replace(ctx, settings=replace(ctx.settings, backbone=backbone))  # make_spec reads the backbone here
-    cross_only = {ff for _, ff in CROSS_CHECKS} - {ff for _, ff in PAIRS}
-    specs = [bench.make_spec(sub, f"{name}-{backbone}", "freezeflow", strategy,
-                             min(CROSS_CHECK_REPEATS, ctx.settings.repeats) if name in cross_only else None)
+    specs = [bench.make_spec(sub, f"{name}-{backbone}", "freezeflow", strategy, pick_repeats(ctx.settings, name))
              | {"contender": name} for name, strategy in FREEZEFLOW.items()]
     for name, (runner, strategy, mode) in PEERS.items():
-        spec = bench.make_spec(sub, f"{name}-{backbone}", name, "head")
+        spec = bench.make_spec(sub, f"{name}-{backbone}", name, "head", pick_repeats(ctx.settings, name))
         specs.append(spec | {"contender": name, "strategy": strategy, "mode": mode,
                              "runner": f"freezeflow.bench_peers:{runner}"})
     return [s | {"backbone": backbone} for s in specs]
+
+
+def pick_repeats(settings, name: str) -> int | None:
+    """None (= --repeats) for fast contenders; --slow-repeats for slow ones; 1 for the cross-check only."""
+    repeats = settings.slow_repeats if settings.slow_repeats and name not in FAST else settings.repeats
+    cross_only = {ff for _, ff in CROSS_CHECKS} - {ff for _, ff in PAIRS}
+    if name in cross_only:
+        repeats = min(repeats, CROSS_CHECK_REPEATS)
+    return None if repeats == settings.repeats else repeats
 
 
 def summarize_row(spec: dict, runs: list[dict]) -> dict:
@@ -257,7 +267,7 @@ def run_fastai(spec: dict) -> dict:
     files = read_split_files(params, Path(spec["prepared_root"]))
     dls = build_fastai_loaders(fv, files, params)
     tracker = BestTracker()
-    learn = build_fastai_learner(fv, dls, params, tracker, Path(spec["work"]))
+    learn = build_fastai_learner(fv, dls, params, tracker, Path(spec["work"]), spec.get("train_bn", True))
     epochs, lr, wd = params.train.epochs, params.train.lr, params.train.weight_decay
     with learn.no_bar(), learn.no_logging():
         if spec["mode"] == "one_cycle":
@@ -282,7 +292,7 @@ def build_fastai_loaders(fv, files: dict[str, list[Path]], params: Params):
     return block.dataloaders(files["train"] + files["val"], bs=params.train.batch_size, device=bench.pick_device())
 
 
-def build_fastai_learner(fv, dls, params: Params, tracker: BestTracker, work: Path):
+def build_fastai_learner(fv, dls, params: Params, tracker: BestTracker, work: Path, train_bn: bool = True):
     """vision_learner over the pretrained body (cut after it); fastai adds its own head, as for any arch."""
     body, _ = build_body(params, dls.c)
 
@@ -307,7 +317,7 @@ def build_fastai_learner(fv, dls, params: Params, tracker: BestTracker, work: Pa
     # vision_learner drops its `cut` argument (fastai 2.8.12): model_meta is how fastai learns a new arch's cut
     fv.model_meta[arch] = {"cut": len(body), "split": fv.default_split}
     learn = fv.vision_learner(dls, arch, pretrained=True, metrics=fv.accuracy, cbs=[KeepBest()], path=work,
-                              wd=params.train.weight_decay)
+                              wd=params.train.weight_decay, train_bn=train_bn)  # train_bn: for diagnostics
     if torch.cuda.is_available():
         learn = learn.to_fp16()  # what a fastai user does on a GPU; freezeflow's amp is "auto"
     return learn
