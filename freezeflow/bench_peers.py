@@ -56,7 +56,7 @@ CROSS_CHECKS = (("fastai-fine-tune", "freezeflow-none"), ("lightning-backbone-ft
 FAST = ("freezeflow-head", "lightning-frozen")
 CROSS_CHECK_REPEATS = 1  # freezeflow-none only feeds the cross-check: one run keeps the suite near 30 min on 2 cores
 VAL_TOLERANCE = 0.01  # absolute: freezeflow's val accuracy may be at most this much below the peer's
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "FASTAI_HOME": "", "DO_NOT_TRACK": "1"}  # FASTAI_HOME set per run
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}  # plus FASTAI_HOME in the scratch folder, per run
 
 
 def check_ready(settings) -> str | None:
