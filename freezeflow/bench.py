@@ -100,6 +100,7 @@ class Settings:
     tiny: bool
     isolate: bool  # one fresh process per contender (False only for --tiny)
     trials: int = 12  # sweep suite: trials per study
+    strategies: tuple[str, ...] = STRATEGIES  # recipes suite: which plain/freezeflow pairs run
     device: str = "auto"  # auto | cpu | cuda; the gpu suite needs cuda unless --device cpu (smoke test only)
 
 
@@ -137,6 +138,8 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--params", default="params", help="params folder (bench pins the keys it compares)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--trials", type=int, default=12, help="sweep suite: trials per study")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help="recipes suite: comma-separated strategies to compare (default: all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="gpu suite: cuda (auto) or cpu to smoke-test its code without a GPU")
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run on a generated dataset")
@@ -144,11 +147,15 @@ def parse_settings(argv: list[str] | None) -> Settings:
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         parser.error(f"unknown suite {unknown[0]!r}; allowed: {', '.join(SUITES)}")
+    strategies = tuple(x.strip() for x in args.strategies.split(",") if x.strip())
+    if not strategies or set(strategies) - set(STRATEGIES):
+        parser.error(f"--strategies {args.strategies!r}; allowed: a comma-separated subset of {', '.join(STRATEGIES)}")
     if min(args.repeats, args.epochs, args.trials) < 1 or min(args.slow_repeats, args.threads) < 0:
         parser.error("--repeats, --epochs and --trials must be >= 1, --slow-repeats and --threads >= 0")
     return Settings(tuple(args.suites) or SUITES, args.repeats, args.epochs, args.image_size, args.backbone,
                     args.weights, args.data, args.out, args.params, args.batch_size, args.slow_repeats,
-                    args.threads, args.tiny, not args.tiny, args.trials, args.device)
+                    args.threads, args.tiny, not args.tiny, trials=args.trials, device=args.device,
+                    strategies=strategies)
 
 
 def shrink_settings(settings: Settings, data_dir: Path) -> Settings:
@@ -609,11 +616,15 @@ def compare_strategy(ctx: Context, strategy: str, plain: dict, ff: dict) -> dict
 def check_recipe_targets(comparisons: dict[str, dict], rows: dict[str, dict]) -> list[dict]:
     targets = []
     for strategy, goal in SPEEDUP_TARGETS.items():
+        if strategy not in comparisons:  # --strategies left it out
+            continue
         c = comparisons[strategy]
         head = strategy == "head"
         ok = c["speedup_wall"] >= goal and (not head or c["freezeflow_val_accuracy"] >= c["plain_val_accuracy"])
         criterion = f"plain/freezeflow wall time >= {goal}x" + (" at equal or better val accuracy" if head else "")
         targets.append({"name": f"{strategy} speedup", "criterion": criterion, "value": c["speedup_wall"], "met": ok})
+    if "freezeflow-freezeout" not in rows or "freezeflow-none" not in rows:
+        return targets
     fo, none = rows["freezeflow-freezeout"], rows["freezeflow-none"]
     fraction = fo["wall_s"]["median"] / none["wall_s"]["median"]
     acc_drop = (none["val_accuracy"] - fo["val_accuracy"]) / max(none["val_accuracy"], 1e-9)
@@ -640,19 +651,20 @@ def make_spec(ctx: Context, name: str, kind: str, strategy: str, repeats: int | 
 def run_recipes(ctx: Context, pool) -> dict:
     s = ctx.settings
     contenders = []
-    for strategy in STRATEGIES:
+    for strategy in s.strategies:
         for recipe in ("plain", "freezeflow"):
             name = f"{recipe}-{strategy}"
             slow = s.slow_repeats if s.slow_repeats and name in SLOW_CONTENDERS else None
             contenders.append(make_spec(ctx, name, recipe, strategy, slow))
     results = run_alternating(pool, contenders, "recipes")
     rows = {c["name"]: summarize_training(c, results[c["name"]]) for c in contenders}
-    comparisons = {st: compare_strategy(ctx, st, rows[f"plain-{st}"], rows[f"freezeflow-{st}"]) for st in STRATEGIES}
-    plain_fo = rows["plain-freezeout"]["wall_s"]["median"] / rows["plain-none"]["wall_s"]["median"]
+    comparisons = {st: compare_strategy(ctx, st, rows[f"plain-{st}"], rows[f"freezeflow-{st}"]) for st in s.strategies}
+    plain_fo = rows["plain-freezeout"]["wall_s"]["median"] / rows["plain-none"]["wall_s"]["median"] \
+        if {"freezeout", "none"} <= set(s.strategies) else None
     total = sum(ctx.stage_flops)
     return {"contenders": list(rows.values()), "comparisons": list(comparisons.values()),
             "targets": check_recipe_targets(comparisons, rows),
-            "plain_freezeout_over_none_wall": round(plain_fo, 3),
+            "plain_freezeout_over_none_wall": round(plain_fo, 3) if plain_fo else None,
             "stage_flops": [{"stage": n, "mflops": round(f / 1e6, 3), "fraction": round(f / total, 4)}
                             for n, f in zip(ctx.stage_names, ctx.stage_flops)],
             "until_k": pick_until_stage(ctx), "split_check": check_split(ctx),

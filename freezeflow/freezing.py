@@ -36,7 +36,7 @@ class FreezePlan:
     every: int = 1
     lr_decay: float = 0.5
     t0: float = 0.8
-    scale_lr: bool = True
+    scale_lr: bool = False
 
     @classmethod
     def from_params(cls, freeze: FreezeParams, n_stages: int, backbone: str = "",

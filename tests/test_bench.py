@@ -98,3 +98,11 @@ def test_slugs_are_short_and_filename_safe():
     assert bench.slugify("AMD EPYC 7B13 64-Core Processor") == "amd-epyc-7b13-64-core"
     assert bench.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert bench.slugify("Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz") == "intel-core-i7-8700"
+
+
+def test_strategies_option_picks_recipe_pairs_and_rejects_unknown_names(capsys):
+    assert bench.parse_settings(["recipes", "--strategies", "freezeout,none"]).strategies == ("freezeout", "none")
+    assert bench.parse_settings([]).strategies == bench.STRATEGIES
+    with pytest.raises(SystemExit):
+        bench.parse_settings(["recipes", "--strategies", "head,frozen"])
+    assert "allowed: a comma-separated subset of head, until, gradual, freezeout, none" in capsys.readouterr().err

@@ -39,7 +39,7 @@ def test_gradual_every_two_epochs_and_floor_at_zero():
 
 
 def test_freezeout_times_follow_the_cubic_schedule():
-    p = plan("freezeout", t0=0.8)
+    p = plan("freezeout", t0=0.8, scale_lr=True)  # the paper's variant (the default is unscaled)
     times = p.freeze_times()
     assert times == pytest.approx([(0.8 + 0.2 * i / 5) ** 3 for i in range(5)])
     assert all(a < b for a, b in zip(times, times[1:]))
@@ -126,7 +126,8 @@ def test_strategy_state_every_epoch(project, shapes_dir, strategy, frozen, cache
 
 def test_freezeout_stages_leave_the_optimizer(project, shapes_dir):
     trainer, seen = make_trainer(project, shapes_dir, **{"train.freeze.strategy": "freezeout",
-                                                         "train.freeze.t0": 0.5, "train.epochs": 4})
+                                                         "train.freeze.t0": 0.5, "train.epochs": 4,
+                                                         "train.freeze.scale_lr": True})
     trainer.run()
     frozen = [r["frozen"] for r in seen.rows]
     assert frozen == sorted(frozen) and frozen[-1] == N - 1 and frozen[0] < frozen[-1]

@@ -87,8 +87,10 @@ def stop_cli_server(process: subprocess.Popen, port: int, log: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_training_logs_to_an_mlflow_server_on_postgres(project, postgres_db, tmp_path, monkeypatch):
+def test_training_logs_to_an_mlflow_server_on_postgres(project, postgres_db, tmp_path):
     from mlflow import MlflowClient
+
+    from freezeflow.tracking import tracking_scope
 
     port, artifacts, log = free_port(), tmp_path / "artifacts", tmp_path / "mlflow-server.log"
     server = start_cli_server(["mlflow", "--backend-store-uri", postgres_db, "--artifacts", str(artifacts),
@@ -100,8 +102,6 @@ def test_training_logs_to_an_mlflow_server_on_postgres(project, postgres_db, tmp
         sets = [a for s in tiny_overrides(data, **{"train.epochs": 2}) for a in ("-S", s)]
         run([FREEZEFLOW, "train", *sets], project, {**os.environ, "MLFLOW_TRACKING_URI": uri})
 
-        # as a client configures it: runs:/ model URIs resolve through the global URI, not the client's
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("shapes")
         [finished] = client.search_runs([experiment.experiment_id])
@@ -109,8 +109,10 @@ def test_training_logs_to_an_mlflow_server_on_postgres(project, postgres_db, tmp
         assert finished.info.status == "FINISHED" and finished.data.params["train.epochs"] == "2"
         for key in ("val_accuracy", "train_loss", "time_per_epoch_s"):  # one point per epoch
             assert len(client.get_metric_history(run_id, key)) == 2, key
-        assert {"model/MLmodel", "model/model.json", "model/weights"} <= \
-            {a.path for a in client.list_artifacts(run_id, "model")}
+        # runs:/ model URIs resolve through mlflow's global URI, not the client's: point it at the server
+        with tracking_scope(uri):
+            assert {"model/MLmodel", "model/model.json", "model/weights"} <= \
+                {a.path for a in client.list_artifacts(run_id, "model")}
         # proxied artifacts: the files sit in the server's folder (the run's plots under its id, the
         # logged model under its model id), not in the project
         model_id = finished.data.tags["model_id"]
