@@ -231,13 +231,18 @@ def slugify(text: str) -> str:
 
 def make_params(settings: Settings, strategy: str, until: int) -> Params:
     """The project's params with the keys this benchmark compares pinned."""
-    pinned = {"data.dir": str(Path(settings.data).resolve()), "data.image_size": settings.image_size,
+    pinned = pin_values(settings, strategy, until)
+    return load_params(settings.params_dir, [f"{k}={v}" for k, v in pinned.items()])
+
+
+def pin_values(settings: Settings, strategy: str, until: int) -> dict:
+    """The keys every contender shares (as -S overrides: file.key -> value)."""
+    return {"data.dir": str(Path(settings.data).resolve()), "data.image_size": settings.image_size,
               "train.backbone": settings.backbone, "train.weights": settings.weights,
               "train.epochs": settings.epochs, "train.batch_size": settings.batch_size,
               "train.freeze.strategy": strategy, "train.freeze.until": until, "train.use_best": False,
               "train.augment.enabled": False, "train.augment_views": 0, "train.cache_features": "auto",
               "train.early_stopping": 0}
-    return load_params(settings.params_dir, [f"{k}={v}" for k, v in pinned.items()])
 
 
 def build_context(settings: Settings, work: Path) -> Context:

@@ -30,10 +30,6 @@ from freezeflow import bench
 TIME_RATIO_TARGET = 0.4  # sweep-on takes at most 40% of sweep-off's time...
 ACCURACY_TOLERANCE = 0.01  # ...at a best val accuracy at most 1 point below
 FREEZE_TRIALS = 20
-# make_params' pinned keys, passed to tune as -S overrides (values read from make_params, so they agree)
-PINNED_KEYS = ("data.dir", "data.image_size", "train.backbone", "train.weights", "train.batch_size",
-               "train.freeze.strategy", "train.freeze.until", "train.use_best", "train.augment.enabled",
-               "train.augment_views", "train.cache_features", "train.early_stopping")
 RUNNER = "freezeflow.bench_sweep:run_study"
 
 
@@ -45,15 +41,10 @@ def check_ready(settings: bench.Settings) -> str | None:
 # ---- the contenders ---------------------------------------------------------------------------------
 
 def pin_overrides(ctx: bench.Context) -> list[str]:
-    """The bench's pinned params as tune's -S overrides, plus the sweep length (tune.epochs)."""
-    params = bench.make_params(ctx.settings, "head", bench.pick_until_stage(ctx))
-    out = []
-    for key in PINNED_KEYS:
-        value = params
-        for part in key.split("."):
-            value = getattr(value, part)
-        out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
-    return out + [f"tune.epochs={ctx.settings.epochs}", "tune.workers=1"]
+    """The bench's pinned params as tune's -S overrides; the sweep length is tune.epochs, not train.epochs."""
+    pinned = bench.pin_values(ctx.settings, "head", bench.pick_until_stage(ctx))
+    pinned.pop("train.epochs")
+    return [f"{k}={v}" for k, v in pinned.items()] + [f"tune.epochs={ctx.settings.epochs}", "tune.workers=1"]
 
 
 def pick_until_range(ctx: bench.Context) -> tuple[int, int]:
@@ -67,7 +58,7 @@ def pick_until_range(ctx: bench.Context) -> tuple[int, int]:
 
 def make_study_spec(ctx: bench.Context, name: str, trials: int, extra: list[str], repeats: int | None) -> dict:
     spec = bench.make_spec(ctx, name, "sweep", "head", repeats)
-    return spec | {"runner": RUNNER, "trials": trials, "overrides": pin_overrides(ctx) + extra,
+    return spec | {"runner": RUNNER, "trials": trials, "overrides": pin_overrides(ctx) + extra, "extra": extra,
                    "params_dir": str(Path(ctx.settings.params_dir).resolve())}
 
 
@@ -150,7 +141,7 @@ def run_study(spec: dict) -> dict:
 
 def summarize_study(spec: dict, runs: list[dict]) -> dict:
     return {"name": spec["name"], "kind": "sweep", "trials": spec["trials"], "repeats": len(runs),
-            "overrides": spec["overrides"][len(PINNED_KEYS) + 2:],
+            "overrides": spec["extra"],
             "wall_s": bench.summarize_values([r["wall_s"] for r in runs]),
             "trials_s": bench.summarize_values([r["trials_s"] for r in runs]),
             "best_val_accuracy": round(statistics.median(r["best_val_accuracy"] for r in runs), 4),
