@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -42,4 +43,7 @@ def test_thirty_trainings_keep_memory_flat(project, shapes_dir):
     assert proc.returncode == 0, proc.stderr
     rss = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(rss) == 30
-    assert rss[-1] <= rss[2] * 1.10, f"RSS grew from {rss[2]:.0f} MB (3rd) to {rss[-1]:.0f} MB (30th)"
+    # a leak grows with every run; malloc's arenas make single readings jump by ~10% either way,
+    # so compare medians: runs 21-30 against runs 3-12 (after the first runs' one-off allocations)
+    early, late = statistics.median(rss[2:12]), statistics.median(rss[20:])
+    assert late <= early * 1.10, f"RSS grew from a median {early:.0f} MB (runs 3-12) to {late:.0f} MB (runs 21-30)"
