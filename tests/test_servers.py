@@ -16,16 +16,10 @@ import pytest
 
 from freezeflow.errors import UserError
 from freezeflow.servers import check_port_free, mlflow_spec, prefect_spec, wait_until_healthy
-from tests.conftest import BIN, run, tiny_overrides, write_shapes_dataset
+from tests.conftest import BIN, free_port, run, tiny_overrides, write_shapes_dataset
 
 FREEZEFLOW = str(BIN / "freezeflow")
 PG = {"host": "127.0.0.1", "port": 5432, "dbname": "test", "user": "postgres"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def postgres_admin():

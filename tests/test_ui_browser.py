@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -29,7 +28,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import BIN, REPO, write_figures_dataset
+from tests.conftest import BIN, REPO, free_port, write_figures_dataset
 from freezeflow.params import load_params
 from freezeflow.tracking import tracked_training, tracking_scope
 
@@ -82,12 +81,6 @@ def share_view(uri: str, experiment_id: str) -> None:
     state = {"selectedColumns": [f"metrics.`{c}`" for c in COLUMNS] + ["params.`train.lr`"],
              "orderByKey": "attributes.start_time", "orderByAsc": False}
     MlflowClient(uri).set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{SHARE_KEY}", json.dumps(state))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.conftest import free_port
+
 WRITER = textwrap.dedent('''
     import sys, tempfile, os
     from mlflow import MlflowClient
@@ -74,12 +76,6 @@ def fresh_postgres_db(name: str) -> str | None:
         cur.execute(f"CREATE DATABASE {name}")
     conn.close()
     return f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
