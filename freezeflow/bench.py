@@ -450,7 +450,7 @@ def run_plain(spec: dict) -> dict:
     torch.manual_seed(params.train.seed)  # the same head init as freezeflow's build_trainer
     model = build_backbone(params.train.backbone, params.train.weights,
                            num_classes=len(subsets["train"].dataset.classes)).to(device)
-    plan = FreezePlan.from_params(params.train.freeze, len(model.stages), params.train.backbone)
+    plan = FreezePlan.from_params(params.train, len(model.stages))
     best = train_plain(model, loaders, plan, params, device)
     model.load_state_dict(best["state"])
     test = evaluate_plain(model, loaders["test"], device)
@@ -606,7 +606,7 @@ def compare_strategy(ctx: Context, strategy: str, plain: dict, ff: dict) -> dict
     split = ctx.prepared.split
     sizes = (len(split["train"]), len(split["val"]), len(split["test"]))
     params = make_params(ctx.settings, strategy, pick_until_stage(ctx))
-    plan = FreezePlan.from_params(params.train.freeze, len(ctx.stage_names), params.train.backbone)
+    plan = FreezePlan.from_params(params.train, len(ctx.stage_names))
     args = (plan, ctx.stage_flops, sizes, ctx.settings.epochs, ctx.settings.batch_size)
     flop_ratio = estimate_plain_flops(*args) / estimate_freezeflow_flops(*args)
     return {"strategy": strategy, "plain_wall_s": plain["wall_s"]["median"],

@@ -118,7 +118,7 @@ def run_bare_step(spec: dict) -> dict:
     torch.manual_seed(tp.seed)
     model = build_backbone(tp.backbone, tp.weights, num_classes=spec["classes"]).to(device)
     model = model.to(memory_format=torch.channels_last)
-    plan = FreezePlan.from_params(tp.freeze, len(model.stages), tp.backbone)
+    plan = FreezePlan.from_params(tp, len(model.stages))
     optimizer = make_optimizer(model, tp.optimizer, tp.lr, tp.weight_decay, tp.momentum, plan, 0)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     set_train_mode(model, 0)

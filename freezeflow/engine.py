@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from freezeflow import distributed
 from freezeflow.augment import augment_batch
+from freezeflow.batchnorm import adapt_or_load
 from freezeflow.checkpoint import load_trusted, save_atomic
 from freezeflow.errors import UserError
 from freezeflow.features import FeatureCache, feature_key, normalize_batch
@@ -29,6 +30,9 @@ from freezeflow.freezing import (FreezePlan, apply_freeze, describe_groups, make
                                  set_train_mode, sync_optimizer)
 from freezeflow.params import TrainParams
 from freezeflow.schedules import PlateauState, lr_factor
+
+
+ADAPT_BATCH = 128  # AdaBN pass: fixed, so the adapted statistics do not depend on train.batch_size
 
 
 @dataclass
@@ -154,6 +158,8 @@ class Trainer:
         mean, std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in mean_std)
         self.normalize = lambda x: normalize_batch(x, mean, std)
         self.checkpoint, self.callbacks = checkpoint, callbacks or []
+        if params.bn_adapt:
+            self.adapt_statistics(feature_root)
         self.steps_per_epoch = max(1, len(split["train"]) // params.batch_size)
         self.total_steps = self.steps_per_epoch * params.epochs
         self.frozen = plan.frozen_count(0, 0.0)
@@ -171,6 +177,18 @@ class Trainer:
         if params.compile:
             for stage in self.model.stages:
                 stage.compile()
+
+    def adapt_statistics(self, root: Path | None) -> None:
+        """AdaBN: the body's BatchNorm statistics from the train images (one pass, before any
+        feature is cached); stored beside the feature cache, so later runs and trials load them."""
+        key = feature_key(self.data_key, self.model.name, self.params.weights, 0, None, 0, 0, bn_adapt=True)
+        path = root / f"{self.model.name}-adabn-{key}.pt" if root is not None else None
+        rows = self.split["train"]
+        batches = (self.to_layout(self.normalize(torch.from_numpy(self.images[rows[i:i + ADAPT_BATCH]])
+                                                 .to(self.device)))
+                   for i in range(0, len(rows), ADAPT_BATCH))
+        with distributed.main_first():  # rank 0 computes and stores, the others load its file
+            adapt_or_load(list(self.model.stages[:-1]), batches, path)
 
     def wrap_trainable(self) -> torch.nn.Module:
         """The trainable suffix's forward: plain, or through DDP (which averages its gradients)."""
@@ -198,7 +216,8 @@ class Trainer:
     def make_cache(self, root: Path | None, params: TrainParams) -> FeatureCache:
         def key_fn(k: int) -> str:
             return f"{self.model.name}-L{k}-" + feature_key(self.data_key, self.model.name, params.weights, k,
-                                                             params.augment, params.augment_views, params.seed)
+                                                             params.augment, params.augment_views, params.seed,
+                                                             params.bn_adapt)
 
         run_root = self.checkpoint.parent / "run-features" if self.checkpoint else None
         return FeatureCache(self.model, self.images, self.split, self.normalize, self.device, key_fn, root,
@@ -221,7 +240,7 @@ class Trainer:
             if self.world.enabled:  # DDP registers the parameters that require grad at construction
                 self.net = self.wrap_trainable()
             sync_optimizer(self.optimizer, self.model, self.params.lr, self.plan, frozen)
-            set_train_mode(self.model, frozen)
+            set_train_mode(self.model, frozen, self.params.bn)
         if self.cache is not None:
             self.cache.mark_trained(frozen)
 
@@ -270,7 +289,7 @@ class Trainer:
         start = time.perf_counter()  # epoch time includes building/extending the feature cache
         self.update_freezing(self.step / self.total_steps)
         source = self.epoch_source()
-        set_train_mode(self.model, self.frozen)
+        set_train_mode(self.model, self.frozen, self.params.bn)
         n = len(self.split["train"])
         order = torch.randperm(n, generator=gen).numpy()[: self.steps_per_epoch * self.params.batch_size]
         order = distributed.shard_order(order, self.params.batch_size, self.world)  # this rank's slices

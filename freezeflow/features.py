@@ -26,7 +26,7 @@ from freezeflow import distributed
 from freezeflow.augment import augment_batch
 from freezeflow.params import AugmentParams
 
-FEATURE_VERSION = 3  # 2: BatchNorm folded into convs for extraction; 3: augmentation seeded per batch
+FEATURE_VERSION = 4  # 2: BatchNorm folded into convs for extraction; 3: augmentation seeded per batch; 4: AdaBN
 
 
 @torch.no_grad()
@@ -77,14 +77,16 @@ def normalize_batch(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
 
 
 def feature_key(data_key: str, backbone: str, weights: str, level: int, augment: AugmentParams | None,
-                views: int, seed: int) -> str:
-    """Everything that changes a pretrained prefix's output. A local weights file adds its stat."""
+                views: int, seed: int, bn_adapt: bool = False) -> str:
+    """Everything that changes a pretrained prefix's output. A local weights file adds its stat;
+    bn_adapt: BatchNorm statistics re-estimated on the training images (freezeflow.batchnorm)."""
     weights_id = weights
     if Path(weights).is_file():
         st = Path(weights).stat()
         weights_id = f"{Path(weights).resolve()}:{st.st_size}:{st.st_mtime_ns}"
     blob = json.dumps([FEATURE_VERSION, data_key, backbone, weights_id, level,
-                       asdict(augment) if augment and views else None, views, seed if views else None])
+                       asdict(augment) if augment and views else None, views, seed if views else None,
+                       bool(bn_adapt)])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -6,13 +6,24 @@ list, so the whole freezing state is one number: `frozen`, the count of leading 
     none       frozen = 0
     head       frozen = n - 1 (linear probe)
     until      frozen = k
-    gradual    head alone for `head_epochs`, then one more stage from the top every `every` epochs,
-               lower stages at lr * lr_decay ** depth (ULMFiT, Howard & Ruder 2018)
+    gradual    head alone for `head_epochs`, then one more stage from the top every `every` epochs
+               (ULMFiT, Howard & Ruder 2018)
     freezeout  stage i trains until t_i = (t0 + (1 - t0) * i / L) ** 3 of training, its lr
-               cosine-annealed to 0 by then from lr / t_i (Brock et al. 2017, arXiv:1706.04983)
+               cosine-annealed to 0 by then (Brock et al. 2017, arXiv:1706.04983)
+
+Discriminative learning rates, one rule for every strategy: the head trains at `lr`; the body
+stage at depth d below the head (d = 1 for the top body stage) at
+
+    lr * body_lr_factor * decay ** (d - 1)        decay = train.lr_decay (gradual: freeze.lr_decay)
+
+as fastai's `slice(lr/100, lr)` and timm's layer decay do: the new head needs a large step, the
+pretrained stages a small one, the lower (more generic) ones the smallest. FreezeOut with
+`scale_lr` further divides stage i's rate by t_i (the paper's variant).
 
 Frozen stages: requires_grad False, no .grad, not in the optimizer, eval mode (BatchNorm
 statistics unchanged), and the engine runs them under no_grad so no backward goes through them.
+With `bn: frozen` the BatchNorm layers of trainable stages stay in eval mode too (running
+statistics kept, affine weights still learn), as the Keras fine-tuning guide recommends.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import torch
 from torch import nn
 
 from freezeflow.errors import ParamsError
-from freezeflow.params import FreezeParams
+from freezeflow.params import TrainParams
 
 
 @dataclass(frozen=True)
@@ -37,15 +48,17 @@ class FreezePlan:
     lr_decay: float = 0.5
     t0: float = 0.8
     scale_lr: bool = False
+    body_lr_factor: float = 1.0  # top body stage's lr / the head's
+    body_lr_decay: float = 1.0  # per stage further down (every strategy but gradual, which uses lr_decay)
 
     @classmethod
-    def from_params(cls, freeze: FreezeParams, n_stages: int, backbone: str = "",
-                    file: str = "params/train.yaml") -> "FreezePlan":
+    def from_params(cls, train: TrainParams, n_stages: int, file: str = "params/train.yaml") -> "FreezePlan":
+        freeze = train.freeze
         if freeze.strategy == "until" and not 0 <= freeze.until <= n_stages - 1:
-            raise ParamsError(file, "freeze.until", f"{freeze.until} is out of range for {backbone or 'this backbone'} "
+            raise ParamsError(file, "freeze.until", f"{freeze.until} is out of range for {train.backbone} "
                               f"({n_stages} stages incl. head); allowed: 0..{n_stages - 1}")
         return cls(freeze.strategy, n_stages, freeze.until, freeze.head_epochs, freeze.every,
-                   freeze.lr_decay, freeze.t0, freeze.scale_lr)
+                   freeze.lr_decay, freeze.t0, freeze.scale_lr, train.body_lr_factor, train.lr_decay)
 
     @property
     def head(self) -> int:
@@ -71,12 +84,15 @@ class FreezePlan:
         return sum(1 for t in self.freeze_times() if progress >= t)  # freezeout: t_i increase with i
 
     def lr_scale(self, stage: int) -> float:
-        """Static multiplier of the base lr for `stage` (discriminative lr / FreezeOut's 1/t_i)."""
-        if self.strategy == "gradual":
-            return self.lr_decay ** (self.head - stage)
-        if self.strategy == "freezeout" and stage < self.head and self.scale_lr:
-            return 1.0 / self.freeze_times()[stage]
-        return 1.0
+        """Static multiplier of the head's lr for `stage`: the discriminative rule in the module
+        docstring (and FreezeOut's 1 / t_i with scale_lr)."""
+        if stage >= self.head:
+            return 1.0
+        decay = self.lr_decay if self.strategy == "gradual" else self.body_lr_decay
+        scale = self.body_lr_factor * decay ** (self.head - stage - 1)
+        if self.strategy == "freezeout" and self.scale_lr:
+            scale /= self.freeze_times()[stage]
+        return scale
 
     def lr_factor(self, stage: int, progress: float, schedule_factor: float) -> float:
         """Time-varying factor: FreezeOut anneals each body stage on its own clock to 0 at t_i."""
@@ -100,11 +116,16 @@ def apply_freeze(model: nn.Module, frozen: int) -> None:
                 p.grad = None
 
 
-def set_train_mode(model: nn.Module, frozen: int) -> None:
-    """model.train() except frozen stages stay in eval: BatchNorm running stats are kept."""
+def set_train_mode(model: nn.Module, frozen: int, bn: str = "train") -> None:
+    """model.train() except frozen stages stay in eval: BatchNorm running stats are kept.
+    bn="frozen": the BatchNorm layers of trainable stages stay in eval as well."""
     model.train()
     for stage in model.stages[:frozen]:
         stage.eval()
+    if bn == "frozen":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float,

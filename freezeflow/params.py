@@ -47,6 +47,11 @@ def documented(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
 
 
+def auto_or_bounded(default: Any, lo: float, hi: float, doc: str) -> Any:
+    """A number in (lo, hi], or the string `auto` (resolved at run time)."""
+    return field(default=default, metadata={"min": lo, "max": hi, "lo_open": True, "doc": doc, "auto": True})
+
+
 @dataclass(frozen=True)
 class SplitParams:
     val: float = bounded(0.15, 0.0, 0.5, "fraction of each class held out for validation", lo_open=True)
@@ -85,12 +90,36 @@ class AugmentParams:
 
 
 @dataclass(frozen=True)
+class LrFindParams:
+    start: float = bounded(1e-7, 0.0, 10.0, "lr finder: first lr of the range test", lo_open=True)
+    end: float = bounded(1.0, 0.0, 10.0, "lr finder: last lr of the range test", lo_open=True)
+    steps: int = bounded(100, 10, 10_000, "lr finder: steps (one batch each) from start to end")
+
+    def __post_init__(self) -> None:
+        if self.start >= self.end:
+            raise ParamsError("params/train.yaml", "lr_find.start",
+                              f"{self.start} >= end {self.end}; allowed: start < end")
+
+
+@dataclass(frozen=True)
 class TrainParams:
     backbone: str = choice("efficientnet_lite0", BACKBONES, "pretrained backbone")
     weights: str = documented("default", "`default` (ImageNet), `none`, a torchvision enum name or a .pth file")
     epochs: int = bounded(10, 1, 10_000, "training epochs")
     batch_size: int = bounded(64, 1, 65_536, "images per step")
-    lr: float = bounded(0.01, 0.0, 10.0, "peak learning rate of the head", lo_open=True)
+    lr: float | str = auto_or_bounded(0.01, 0.0, 10.0, "peak learning rate of the head; `auto`: the lr "
+                                      "finder's suggestion (see `freezeflow lr-find`)")
+    body_lr_factor: float = bounded(0.1, 0.0, 1.0, "lr of the top trainable body stage relative to the head's "
+                                    "(discriminative lrs; see README: Freezing)", lo_open=True)
+    lr_decay: float = bounded(0.5, 0.0, 1.0, "further lr factor per body stage below the top one "
+                              "(`gradual` uses freeze.lr_decay)", lo_open=True)
+    bn: str = choice("train", ("train", "frozen"), "BatchNorm of trainable stages: `train` (batch statistics) or "
+                     "`frozen` (running statistics kept, affine params still learn)")
+    bn_adapt: bool = documented(False, "re-estimate BatchNorm statistics on the training images once before "
+                                       "training (AdaBN); the feature cache stays valid")
+    guard_epochs: int = bounded(2, 0, None, "divergence guard: report val accuracy at chance after this many "
+                                "epochs (0 = off; NaN/inf loss always stops)")
+    lr_find: LrFindParams = field(default_factory=LrFindParams)
     optimizer: str = choice("adamw", OPTIMIZERS, "optimizer over trainable params only")
     momentum: float = bounded(0.9, 0.0, 1.0, "SGD momentum")
     weight_decay: float = bounded(0.0001, 0.0, 1.0, "decoupled weight decay")
@@ -371,6 +400,12 @@ def build(cls: type, raw: Any, file: str, prefix: str) -> Any:
 
 
 def check_value(value: Any, kind: Any, meta: typing.Mapping, file: str, key: str) -> Any:
+    if meta.get("auto"):
+        if value == "auto":
+            return value
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ParamsError(file, key, f"{value!r} is not allowed; allowed: a number or auto")
+        kind = float
     choices = meta.get("choices")
     if kind is str and isinstance(value, bool) and choices:
         value = {True: "on", False: "off"}[value]  # YAML 1.1 reads a bare on/off as a boolean
@@ -460,7 +495,10 @@ def iter_docs(cls: type, prefix: str = ""):
             allowed = f"{'>' if meta.get('lo_open') else '>='} {lo}" if lo is not None else ""
             if meta.get("max") is not None:
                 allowed += f"{' and ' if allowed else ''}<= {meta['max']}"
-        yield prefix + f.name, f.default, allowed or hints[f.name].__name__, meta.get("doc", "")
+        if meta.get("auto"):
+            allowed += ", or auto"
+        yield prefix + f.name, f.default, allowed or getattr(hints[f.name], "__name__", str(hints[f.name])), \
+            meta.get("doc", "")
 
 
 def render_reference() -> str:

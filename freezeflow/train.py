@@ -67,7 +67,7 @@ def validate_params(params: Params) -> None:
     check_image_size(params)
     if params.train.freeze.strategy == "until":
         stages = len(build_backbone(params.train.backbone, "none").stages)  # architecture only, no weights
-        FreezePlan.from_params(params.train.freeze, stages, params.train.backbone)
+        FreezePlan.from_params(params.train, stages)
 
 
 def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks: list) -> Trainer:
@@ -75,7 +75,7 @@ def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks:
     check_image_size(params)
     torch.manual_seed(params.train.seed)  # the new head's init
     model = build_backbone(params.train.backbone, params.train.weights, num_classes=len(prepared.classes))
-    plan = FreezePlan.from_params(params.train.freeze, len(model.stages), params.train.backbone)
+    plan = FreezePlan.from_params(params.train, len(model.stages))
     return Trainer(model, prepared.images, prepared.labels, prepared.split, params.train, plan,
                    normalization(params.train.backbone), prepared.key, layout.checkpoint, layout.features,
                    callbacks)
