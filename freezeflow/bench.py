@@ -15,6 +15,9 @@ Suites (all when none is named; a suite this machine cannot run is skipped with 
   peers    fastai and PyTorch Lightning on the same task (bench_peers.py; `pip install -e .[bench]`).
   gpu      resnet50 at 224 px, AMP + channels_last: freezeflow's loop vs a bare step on GPU tensors, and
            `head` vs the plain recipe (bench_gpu.py; needs CUDA).
+  quality  accuracy: every strategy at its defaults on three real photo folders built offline, against
+           fastai fine_tune and Lightning BackboneFinetuning at theirs (bench_quality.py; needs the
+           `bench` extras and scikit-image).
 
 Every contender runs in a fresh spawned process (peak RSS is per contender; `--tiny` shares one worker
 to stay fast), and contenders run alternately (repeat 1: A, B, C...; repeat 2: A, B, C...) so that
@@ -66,10 +69,11 @@ from freezeflow.params import AugmentParams, Params, load_params
 from freezeflow.prepare import Prepared, load_prepared, prepare_dataset
 from freezeflow.train import run_training
 
-SUITES = ("recipes", "loader", "limit", "sweep", "peers", "gpu")
+SUITES = ("recipes", "loader", "limit", "sweep", "peers", "gpu", "quality")
 # suites in their own modules, imported only when they run: each has check_ready(settings) -> reason to skip
 # or None, run(ctx, pool) -> report body, render(report) -> Markdown lines
-EXTRA_SUITES = {"sweep": "freezeflow.bench_sweep", "peers": "freezeflow.bench_peers", "gpu": "freezeflow.bench_gpu"}
+EXTRA_SUITES = {"sweep": "freezeflow.bench_sweep", "peers": "freezeflow.bench_peers", "gpu": "freezeflow.bench_gpu",
+                "quality": "freezeflow.bench_quality"}
 STRATEGIES = ("head", "until", "gradual", "freezeout", "none")
 # --slow-repeats applies to every recipes contender but the head pair (minutes per run on a small CPU)
 SLOW_CONTENDERS = tuple(f"{recipe}-{strategy}" for strategy in ("until", "gradual", "freezeout", "none")
@@ -102,6 +106,8 @@ class Settings:
     trials: int = 12  # sweep suite: trials per study
     strategies: tuple[str, ...] = STRATEGIES  # recipes suite: which plain/freezeflow pairs run
     device: str = "auto"  # auto | cpu | cuda; the gpu suite needs cuda unless --device cpu (smoke test only)
+    datasets: tuple[str, ...] = ("textures", "scenes", "glyphs")  # quality suite: photo sets (photosets.py)
+    per_class: int = 130  # quality suite: images per class (the rare class gets a quarter)
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,9 @@ def parse_settings(argv: list[str] | None) -> Settings:
                         help="recipes suite: comma-separated strategies to compare (default: all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="gpu suite: cuda (auto) or cpu to smoke-test its code without a GPU")
+    parser.add_argument("--datasets", default="textures,scenes,glyphs",
+                        help="quality suite: comma-separated photo sets (textures, scenes, glyphs)")
+    parser.add_argument("--per-class", type=int, default=130, help="quality suite: images per class")
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run on a generated dataset")
     args = parser.parse_args(argv)
     unknown = [s for s in args.suites if s not in SUITES]
@@ -152,16 +161,21 @@ def parse_settings(argv: list[str] | None) -> Settings:
         parser.error(f"--strategies {args.strategies!r}; allowed: a comma-separated subset of {', '.join(STRATEGIES)}")
     if min(args.repeats, args.epochs, args.trials) < 1 or min(args.slow_repeats, args.threads) < 0:
         parser.error("--repeats, --epochs and --trials must be >= 1, --slow-repeats and --threads >= 0")
+    names = tuple(x.strip() for x in args.datasets.split(",") if x.strip())
+    if not names or set(names) - {"textures", "scenes", "glyphs"}:
+        parser.error(f"--datasets {args.datasets!r}; allowed: a comma-separated subset of textures, scenes, glyphs")
+    if args.per_class < 4:
+        parser.error("--per-class must be >= 4")
     return Settings(tuple(args.suites) or SUITES, args.repeats, args.epochs, args.image_size, args.backbone,
                     args.weights, args.data, args.out, args.params, args.batch_size, args.slow_repeats,
                     args.threads, args.tiny, not args.tiny, trials=args.trials, device=args.device,
-                    strategies=strategies)
+                    strategies=strategies, datasets=names, per_class=args.per_class)
 
 
 def shrink_settings(settings: Settings, data_dir: Path) -> Settings:
     """--tiny: 2 classes x 20 real PNGs, 32 px, 1 epoch, 1 repeat, random-init resnet18."""
     return replace(settings, repeats=1, slow_repeats=0, epochs=1, image_size=32, backbone="resnet18",
-                   weights="none", data=str(data_dir), isolate=False)
+                   weights="none", data=str(data_dir), isolate=False, per_class=8)
 
 
 def write_tiny_dataset(root: Path, classes: int = 2, per_class: int = 20, size: int = 32) -> Path:
@@ -271,8 +285,9 @@ def open_runner(isolate: bool):
         yield pool
 
 
-def run_alternating(pool, contenders: list[dict], suite: str) -> dict[str, list[dict]]:
-    """Repeat r runs every contender that still has repeats left, in the same order each time."""
+def run_alternating(pool, contenders: list[dict], suite: str, vary=None) -> dict[str, list[dict]]:
+    """Repeat r runs every contender that still has repeats left, in the same order each time.
+    vary(spec, r) -> spec: what changes between repeats (bench quality: the seed)."""
     results: dict[str, list[dict]] = {c["name"]: [] for c in contenders}
     rounds = max(c["repeats"] for c in contenders)
     for r in range(rounds):
@@ -280,7 +295,7 @@ def run_alternating(pool, contenders: list[dict], suite: str) -> dict[str, list[
             if r >= spec["repeats"]:
                 continue
             start = time.perf_counter()
-            results[spec["name"]].append(pool.submit(run_contender, spec).result())
+            results[spec["name"]].append(pool.submit(run_contender, vary(spec, r) if vary else spec).result())
             log(f"[{suite} {r + 1}/{rounds}] {spec['name']}: {time.perf_counter() - start:.1f} s")
     return results
 
@@ -774,8 +789,8 @@ def render_markdown(suite: str, report: dict) -> str:
     renders = {"recipes": render_recipes, "loader": render_loader, "limit": render_limit}
     body = renders[suite](report) if suite in renders else importlib.import_module(EXTRA_SUITES[suite]).render(report)
     targets = ["", "| target | criterion | value | met |", "|---|---|---|---|"]
-    targets += [f"| {t['name']} | {t['criterion']} | {t['value']} | {'yes' if t['met'] else 'NO'} |"
-                for t in report["targets"]]
+    verdict = {True: "yes", False: "NO", None: "not measured"}
+    targets += [f"| {t['name']} | {t['criterion']} | {t['value']} | {verdict[t['met']]} |" for t in report["targets"]]
     return "\n".join(head + body + targets) + "\n"
 
 

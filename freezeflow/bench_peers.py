@@ -267,12 +267,16 @@ def run_fastai(spec: dict) -> dict:
     files = read_split_files(params, Path(spec["prepared_root"]))
     dls = build_fastai_loaders(fv, files, params)
     tracker = BestTracker()
-    learn = build_fastai_learner(fv, dls, params, tracker, Path(spec["work"]), spec.get("train_bn", True))
+    defaults = spec.get("peer_defaults", False)  # fastai's own lr and weight decay (bench quality)
+    learn = build_fastai_learner(fv, dls, params, tracker, Path(spec["work"]), spec.get("train_bn", True),
+                                 None if defaults else params.train.weight_decay)
     epochs, lr, wd = params.train.epochs, params.train.lr, params.train.weight_decay
     with learn.no_bar(), learn.no_logging():
         if spec["mode"] == "one_cycle":
             learn.freeze()
             learn.fit_one_cycle(epochs, lr, wd=wd)
+        elif defaults:  # fine_tune's documented defaults: base_lr=2e-3, the learner's wd, 1 frozen epoch
+            learn.fine_tune(max(epochs - 1, 1), freeze_epochs=1)
         else:  # one frozen epoch + E-1 unfrozen = E epochs (fastai's own default adds freeze_epochs to E)
             learn.fine_tune(max(epochs - 1, 1), base_lr=lr, freeze_epochs=1, wd=wd)
         learn.model.load_state_dict(tracker.best_state)
@@ -292,7 +296,8 @@ def build_fastai_loaders(fv, files: dict[str, list[Path]], params: Params):
     return block.dataloaders(files["train"] + files["val"], bs=params.train.batch_size, device=bench.pick_device())
 
 
-def build_fastai_learner(fv, dls, params: Params, tracker: BestTracker, work: Path, train_bn: bool = True):
+def build_fastai_learner(fv, dls, params: Params, tracker: BestTracker, work: Path, train_bn: bool = True,
+                         wd: float | None = None):
     """vision_learner over the pretrained body (cut after it); fastai adds its own head, as for any arch."""
     body, _ = build_body(params, dls.c)
 
@@ -317,7 +322,7 @@ def build_fastai_learner(fv, dls, params: Params, tracker: BestTracker, work: Pa
     # vision_learner drops its `cut` argument (fastai 2.8.12): model_meta is how fastai learns a new arch's cut
     fv.model_meta[arch] = {"cut": len(body), "split": fv.default_split}
     learn = fv.vision_learner(dls, arch, pretrained=True, metrics=fv.accuracy, cbs=[KeepBest()], path=work,
-                              wd=params.train.weight_decay, train_bn=train_bn)  # train_bn: for diagnostics
+                              wd=wd, train_bn=train_bn)  # wd None: fastai's default; train_bn: for diagnostics
     if torch.cuda.is_available():
         learn = learn.to_fp16()  # what a fastai user does on a GPU; freezeflow's amp is "auto"
     return learn
@@ -341,7 +346,8 @@ def run_lightning(spec: dict) -> dict:
     L.seed_everything(params.train.seed, verbose=False)
     tracker = BestTracker()
     frozen = spec["mode"] == "frozen"
-    module = build_lightning_module(L, params, len(subsets["train"].dataset.classes), frozen, tracker)
+    module = build_lightning_module(L, params, len(subsets["train"].dataset.classes), frozen, tracker,
+                                    spec.get("peer_defaults", False))
     callbacks = [] if frozen else [BackboneFinetuning(unfreeze_backbone_at_epoch=params.train.freeze.head_epochs)]
     trainer = L.Trainer(max_epochs=params.train.epochs, accelerator="auto", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -356,7 +362,9 @@ def run_lightning(spec: dict) -> dict:
     return finish_run(start, import_s, tracker, test, 0)
 
 
-def build_lightning_module(L, params: Params, num_classes: int, frozen: bool, tracker: BestTracker):
+def build_lightning_module(L, params: Params, num_classes: int, frozen: bool, tracker: BestTracker,
+                           defaults: bool = False):
+    """defaults: the optimizer of BackboneFinetuning's documented example, Adam(lr=1e-3), no scheduler."""
     body, head = build_body(params, num_classes)
     tp = params.train
 
@@ -398,6 +406,8 @@ def build_lightning_module(L, params: Params, num_classes: int, frozen: bool, tr
 
         def configure_optimizers(self):
             trainable = [p for p in self.parameters() if p.requires_grad]
+            if defaults:
+                return torch.optim.Adam(trainable, lr=1e-3)
             optimizer = torch.optim.AdamW(trainable, lr=tp.lr, weight_decay=tp.weight_decay)
             return [optimizer], [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tp.epochs)]
 

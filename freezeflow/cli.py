@@ -144,6 +144,22 @@ def train(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=SET
          f"train_time {metrics['train_time_s']:.1f}s  -> models/, reports/metrics.json")
 
 
+@app.command("lr-find")
+def lr_find(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=SET_HELP),
+            track: bool = typer.Option(True, help="Log the range test to MLflow.")) -> None:
+    """Learning-rate range test on the trainable part: a suggested lr and reports/lr_find.png.
+
+    Example: freezeflow lr-find -S train.freeze.strategy=until   (then -S train.lr=<suggestion>, or train.lr=auto)
+    """
+    from freezeflow.pipeline import lr_find_step
+
+    out = lr_find_step(load(sets), ROOT, track=track)
+    echo(f"suggested lr {out['suggestion']:.3g} for the head ({out['steps']} steps over "
+         f"{', '.join(out['trainable_stages'])}) -> {out['plot']}, {out['report']}"
+         + (f"; MLflow run {out['run_id']}" if out["run_id"] else ""))
+    echo(f"train with it: -S train.lr={out['suggestion']:.3g}  (or -S train.lr=auto to run the test each time)")
+
+
 @app.command()
 def evaluate(model: Optional[str] = typer.Option(None, help="models:/NAME@alias, a run id, or a folder."),
              sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=SET_HELP)) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from freezeflow.errors import UserError
 from freezeflow.features import FeatureCache, feature_key, normalize_batch
 from freezeflow.freezing import (FreezePlan, apply_freeze, describe_groups, make_optimizer,
                                  set_train_mode, sync_optimizer)
+from freezeflow.guard import TrainingDiverged, chance_threshold, chance_verdict, loss_verdict
 from freezeflow.params import TrainParams
 from freezeflow.schedules import PlateauState, lr_factor
 
@@ -143,8 +145,12 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
                  split: dict[str, np.ndarray], params: TrainParams, plan: FreezePlan,
                  mean_std: tuple, data_key: str, checkpoint: Path | None,
-                 feature_root: Path | None, callbacks: list | None = None):
+                 feature_root: Path | None, callbacks: list | None = None,
+                 reference: Callable[[], float] | None = None):
+        """reference: val accuracy of the head alone on the same data, asked for by the divergence
+        guard only when val accuracy sits at chance while body stages train (freezeflow.guard)."""
         self.params, self.plan, self.data_key = params, plan, data_key
+        self.reference, self.divergence = reference, None
         self.world = distributed.current()
         distributed.check_batch_size(params.batch_size, self.world)
         self.device = resolve_device(params.device)
@@ -171,6 +177,7 @@ class Trainer:
         self.plateau = PlateauState()
         self.epoch, self.step, self.history = 0, 0, []
         self.best: dict = {"epoch": 0, "val_accuracy": -1.0, "state": None}
+        self.chance = chance_threshold(labels[split["val"]], int(self.model.classifier.out_features))
         self.cache = self.make_cache(feature_root, params) if self.use_cache(params) else None
         if self.cache is not None:
             self.cache.progress = self.notify_feature_progress
@@ -353,6 +360,10 @@ class Trainer:
                     self.cache.reset_run_local()
         while self.epoch < self.params.epochs:
             loss, acc, seconds, wait = self.train_epoch()
+            if not math.isfinite(loss):
+                self.report_divergence(loss_verdict(loss, self.epoch + 1, self.peak_lrs(), self.params.lr,
+                                                    self.params.body_lr_factor))
+                raise TrainingDiverged(self.divergence)
             val_loss, val_acc = self.validate()
             self.plateau.update(val_loss, self.params)
             self.epoch += 1
@@ -366,12 +377,34 @@ class Trainer:
                              "state": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
             self.save_checkpoint()
             self.notify("on_epoch_end", report)
+            self.check_chance()
             if self.params.early_stopping and self.epoch - self.best["epoch"] >= self.params.early_stopping:
                 stopped_early = True
                 break
         return TrainResult(self.history, self.best["epoch"], self.best["val_accuracy"],
                            sum(r.epoch_time_s for r in self.history), stopped_early,
-                           self.cache.builds if self.cache else 0)
+                           self.cache.builds if self.cache else 0, {"divergence": self.divergence})
+
+    # ---- the divergence guard -------------------------------------------------------------------
+    def peak_lrs(self) -> dict[str, float]:
+        """Each trainable stage's peak lr (before the schedule): what the guard's message quotes."""
+        return {f"lr/{self.model.stage_names[g['stage']]}": float(g["base_lr"]) for g in self.optimizer.param_groups}
+
+    def check_chance(self) -> None:
+        """After guard_epochs epochs, val accuracy at chance is reported once (freezeflow.guard)."""
+        if not self.params.guard_epochs or self.epoch != self.params.guard_epochs or self.divergence:
+            return
+        if self.best["val_accuracy"] > self.chance:
+            return
+        lrs = self.peak_lrs()
+        trains_body = any(k != "lr/head" for k in lrs)
+        head_alone = self.reference() if trains_body and self.reference and not self.world.enabled else None
+        self.report_divergence(chance_verdict(self.best["val_accuracy"], self.chance, self.epoch, lrs,
+                                              self.params.lr, self.params.body_lr_factor, head_alone))
+
+    def report_divergence(self, message: str) -> None:
+        self.divergence = message
+        self.notify("on_divergence", message)
 
     def restore_best(self) -> None:
         if self.best["state"] is not None:
@@ -386,7 +419,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "plateau": self.plateau.state_dict(),
-            "epoch": self.epoch, "step": self.step, "frozen": self.frozen,
+            "epoch": self.epoch, "step": self.step, "frozen": self.frozen, "lr": self.params.lr,
             "trained_from": self.cache.trained_from if self.cache else None,
             "history": [asdict(r) for r in self.history],
             "best": self.best,

@@ -79,6 +79,23 @@ def train_step(params: Params, root: Path, resume: bool = False, track: bool = T
                             callbacks=callbacks or [])
 
 
+def lr_find_step(params: Params, root: Path, track: bool = True) -> dict:
+    """`freezeflow lr-find`: the range test (core), its plot, and an MLflow run holding both."""
+    from freezeflow.plots import plot_lr_find
+    from freezeflow.train import run_lr_find
+
+    params = resolve_data_params(params, root)
+    result = run_lr_find(params, root)
+    plot = plot_lr_find(result, root / "reports" / "lr_find.png")
+    out = {"suggestion": result.suggestion, "plot": str(plot), "report": str(root / "reports" / "lr_find.json"),
+           "steps": len(result.lrs), "trainable_stages": result.trainable_stages, "run_id": None}
+    if track:
+        from freezeflow.tracking import tracked_lr_find
+
+        out["run_id"] = tracked_lr_find(params, root, result)
+    return out
+
+
 def launch_training(params: Params, root: Path, nproc: int, args: list[str], allow_dirty_data: bool = False,
                     debug: bool = False) -> int:
     """`freezeflow train --nproc N`: check once here (one clear error), then torchrun N ranks of

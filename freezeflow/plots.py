@@ -161,3 +161,25 @@ def plot_per_class(report: dict, path: Path) -> Path:
     ax.set_title(f"per-class precision / recall ({report.get('split', 'val')})")
     ax.legend(loc="lower right")
     return save_figure(fig, path)
+
+
+def plot_lr_find(result: Any, path: Path) -> Path:
+    """The lr range test: loss (raw and smoothed) against the head's lr, log x, the suggestion marked.
+    `result` is an LrFindResult or its to_dict()."""
+    data = result if isinstance(result, dict) else result.to_dict()
+    fig = new_figure()
+    ax = fig.subplots()
+    ax.plot(data["lrs"], data["losses"], alpha=0.35, label="loss")
+    ax.plot(data["lrs"], data["smoothed"], label="smoothed loss")
+    ax.axvline(data["suggestion"], color="tab:red", linestyle="--", label=f"suggested lr {data['suggestion']:.2g}")
+    finite = [v for v in data["smoothed"] if math.isfinite(v)]
+    if finite:  # the blow-up at the end would flatten the part that matters
+        low, high = min(finite), max(finite[: max(len(finite) * 9 // 10, 1)])
+        ax.set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9))
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate of the head (body stages at their discriminative share)")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"lr range test ({', '.join(data['trainable_stages'][:4])}"
+                 f"{' ...' if len(data['trainable_stages']) > 4 else ''})")
+    ax.legend()
+    return save_figure(fig, path)

@@ -76,6 +76,14 @@ class EpochProgress:
             self._feature_update = progress_printer(label, self.stream)
         self._feature_update(done, total)
 
+    def on_lr_found(self, result) -> None:
+        print(f"lr finder: suggested lr {result.suggestion:.3g} for the head ({len(result.lrs)} steps, "
+              f"trainable: {', '.join(result.trainable_stages)})", file=self.stream, flush=True)
+
+    def on_divergence(self, message: str) -> None:
+        self.close()
+        print(f"warning: {message}", file=self.stream, flush=True)
+
     def on_epoch_end(self, report) -> None:
         self.seconds.append(float(report.epoch_time_s))
         left = max(self.total - report.epoch, 0)

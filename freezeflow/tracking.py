@@ -46,8 +46,8 @@ from freezeflow.errors import UserError
 from freezeflow.evaluate import evaluate_model, write_eval
 from freezeflow.modelio import ModelInfo, load_model
 from freezeflow.params import Params, flatten
-from freezeflow.plots import (history_rows, plot_confusion, plot_epoch_times, plot_learning_curves, plot_lr_groups,
-                              plot_per_class)
+from freezeflow.plots import (history_rows, plot_confusion, plot_epoch_times, plot_learning_curves, plot_lr_find,
+                              plot_lr_groups, plot_per_class)
 from freezeflow.prepare import Prepared, prepare_dataset
 from freezeflow.train import Layout, run_training
 
@@ -182,6 +182,29 @@ class MlflowCallback:
         metrics = [Metric(key, value, stamp, report.epoch) for key, value in epoch_metrics(report).items()]
         self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
         self.logged_epochs.add(report.epoch)
+
+    def on_lr_found(self, result) -> None:
+        log_lr_find(self.client, self.run_id, result)
+
+    def on_divergence(self, message: str) -> None:
+        """The guard's verdict: a tag the runs table can filter on (tags.divergence), and a 0/1 metric."""
+        self.client.set_tag(self.run_id, "divergence", message[:5000])
+        log_totals(self.client, self.run_id, {"diverged": 1.0})
+
+
+def log_lr_find(client: MlflowClient, run_id: str, result) -> None:
+    """The range test on a run: the curve as metrics (step = test step), the suggestion as a param,
+    the plot and the raw numbers as artifacts."""
+    stamp = int(time.time() * 1000)
+    metrics = [Metric("lr_find_loss", loss, stamp, i) for i, loss in enumerate(result.losses) if np.isfinite(loss)]
+    metrics += [Metric("lr_find_lr", lr, stamp, i) for i, lr in enumerate(result.lrs)]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start:start + 1000], synchronous=True)
+    client.log_param(run_id, "lr_found", f"{result.suggestion:.6g}")
+    with tempfile.TemporaryDirectory(prefix="freezeflow-lr-find-") as tmp:
+        (Path(tmp) / "lr_find.json").write_text(json.dumps(result.to_dict(), indent=1))
+        client.log_artifact(run_id, str(Path(tmp) / "lr_find.json"), "reports")
+        client.log_artifact(run_id, str(plot_lr_find(result, Path(tmp) / "lr_find.png")), "plots")
 
 
 def report_from_row(row: dict) -> EpochReport:
@@ -433,6 +456,24 @@ def tracked_training(params: Params, root: Path = Path("."), resume: bool = Fals
             raise
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
     return metrics | {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}
+
+
+def tracked_lr_find(params: Params, root: Path, result) -> str:
+    """A finished MLflow run (run name lr-find, tag run_kind=lr_find) holding the params and the range test."""
+    root = Path(root)
+    uri = resolve_tracking_uri(root)
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, dataset_name(params, root), resolve_artifact_location(uri, root))
+    tags = start_tags(params, root, False, {"run_kind": "lr_find"})
+    run = client.create_run(experiment_id, run_name="lr-find", tags=tags)
+    try:
+        log_params(client, run.info.run_id, params)
+        log_lr_find(client, run.info.run_id, result)
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
 
 
 def tag_quietly(client: MlflowClient, run_id: str, key: str, value: str) -> None:

@@ -21,7 +21,9 @@ from freezeflow import distributed
 from freezeflow.backbones import build_backbone, min_image_size, normalization
 from freezeflow.engine import Trainer, TrainResult
 from freezeflow.errors import ParamsError, UserError
+from freezeflow.checkpoint import load_trusted
 from freezeflow.freezing import FreezePlan
+from freezeflow.lr_finder import LrFindResult, find_lr
 from freezeflow.metrics import summarize_predictions
 from freezeflow.modelio import ModelInfo, save_model
 from freezeflow.params import Params, dump_params, load_params
@@ -70,15 +72,56 @@ def validate_params(params: Params) -> None:
         FreezePlan.from_params(params.train, stages)
 
 
-def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks: list) -> Trainer:
-    """Model with a fresh head for the dataset's classes, freezing plan, optimizer, cache."""
+PROBE_EPOCHS = 3  # the divergence guard's head-alone reference: a short linear probe on cached features
+FINDER_PLACEHOLDER_LR = 1.0  # the lr finder sets every group's lr itself; groups keep their share of it
+
+
+def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks: list, checkpoint: bool = True,
+                  reference=None) -> Trainer:
+    """Model with a fresh head for the dataset's classes, freezing plan, optimizer, cache.
+    checkpoint=False: a throwaway trainer (lr finder, the guard's probe) that writes nothing."""
     check_image_size(params)
     torch.manual_seed(params.train.seed)  # the new head's init
     model = build_backbone(params.train.backbone, params.train.weights, num_classes=len(prepared.classes))
     plan = FreezePlan.from_params(params.train, len(model.stages))
     return Trainer(model, prepared.images, prepared.labels, prepared.split, params.train, plan,
-                   normalization(params.train.backbone), prepared.key, layout.checkpoint, layout.features,
-                   callbacks)
+                   normalization(params.train.backbone), prepared.key, layout.checkpoint if checkpoint else None,
+                   layout.features, callbacks, reference=reference)
+
+
+def with_lr(params: Params, lr: float) -> Params:
+    return replace(params, train=replace(params.train, lr=float(lr)))
+
+
+def find_learning_rate(params: Params, prepared: Prepared, layout: Layout) -> LrFindResult:
+    """The range test on the trainable part of `params.train` (a throwaway trainer: nothing is written
+    but the frozen-feature cache, which the training that follows reuses)."""
+    trainer = build_trainer(with_lr(params, FINDER_PLACEHOLDER_LR), prepared, layout, [], checkpoint=False)
+    return find_lr(trainer, params.train.lr_find)
+
+
+def resolve_lr(params: Params, prepared: Prepared, layout: Layout, resume: bool,
+               callbacks: list) -> Params:
+    """train.lr=auto becomes the lr finder's suggestion (a resumed run keeps the one it started with)."""
+    if params.train.lr != "auto":
+        return params
+    if resume and layout.checkpoint.exists():
+        saved = load_trusted(layout.checkpoint).get("lr")
+        if isinstance(saved, float):
+            return with_lr(params, saved)
+    result = find_learning_rate(params, prepared, layout)
+    for cb in callbacks:
+        if hasattr(cb, "on_lr_found"):
+            cb.on_lr_found(result)
+    return with_lr(params, result.suggestion)
+
+
+def probe_head_accuracy(params: Params, prepared: Prepared, layout: Layout) -> float:
+    """Best val accuracy of the head alone (PROBE_EPOCHS epochs on cached, un-augmented features)."""
+    t = params.train
+    probe = replace(t, freeze=replace(t.freeze, strategy="head"), epochs=PROBE_EPOCHS, guard_epochs=0,
+                    augment=replace(t.augment, enabled=False), augment_views=0, early_stopping=0)
+    return build_trainer(replace(params, train=probe), prepared, layout, [], checkpoint=False).run().best_val_accuracy
 
 
 def run_training(params: Params, root: Path = Path("."), resume: bool = False, callbacks: list | None = None,
@@ -92,7 +135,9 @@ def run_training(params: Params, root: Path = Path("."), resume: bool = False, c
         data_params = replace(data_params, dir=str(layout.root / data_params.dir))
     with distributed.main_first():  # rank 0 decodes the images once, the others open its cache
         prepared = prepare_dataset(data_params, layout.prepared, progress if world.is_main else None)
-    trainer = build_trainer(params, prepared, layout, callbacks or [])
+    params = resolve_lr(params, prepared, layout, resume, (callbacks or []) if world.is_main else [])
+    reference = lambda: probe_head_accuracy(params, prepared, layout)  # noqa: E731 - asked for lazily
+    trainer = build_trainer(params, prepared, layout, callbacks or [], reference=reference)
     if resume:
         if not layout.checkpoint.exists():
             raise UserError(f"{layout.checkpoint}: no checkpoint to resume from; run without --resume")
@@ -107,6 +152,19 @@ def run_training(params: Params, root: Path = Path("."), resume: bool = False, c
         write_outputs(trainer, prepared, params, metrics, result, layout)
     distributed.barrier()  # the others return once the outputs exist
     return metrics
+
+
+def run_lr_find(params: Params, root: Path = Path("."), progress=None) -> LrFindResult:
+    """`freezeflow lr-find`: prepare (or reuse) the data, run the range test, write reports/lr_find.json."""
+    validate_params(params)
+    layout = Layout(Path(root))
+    data_params = params.data
+    if not Path(data_params.dir).is_absolute():
+        data_params = replace(data_params, dir=str(layout.root / data_params.dir))
+    prepared = prepare_dataset(data_params, layout.prepared, progress)
+    result = find_learning_rate(params, prepared, layout)
+    write_json_atomic(layout.reports / "lr_find.json", result.to_dict())
+    return result
 
 
 def summarize_run(result: TrainResult, test_accuracy: float, params: Params, prepared: Prepared) -> dict:
@@ -125,6 +183,8 @@ def summarize_run(result: TrainResult, test_accuracy: float, params: Params, pre
         "images_per_s": round(images / max(result.train_time_s, 1e-9), 2),
         "data_wait_fraction": round(float(np.mean([r.data_wait_fraction for r in hist])), 4),
         "feature_cache": any(r.from_cache for r in hist),
+        "lr": params.train.lr,
+        "divergence": result.extra.get("divergence"),
         "backbone": params.train.backbone,
         "strategy": params.train.freeze.strategy,
         "dataset": prepared.name,
