@@ -7,9 +7,11 @@ inputs come from the frozen-feature cache whenever a prefix is frozen, so for `h
 test is a few hundred small matrix products. The test stops early once the smoothed loss is 4x
 its minimum, or not finite.
 
-The suggestion is fastai's "valley": the longest stretch over which the smoothed loss keeps
-falling, and the lr half-way down it: large enough to learn fast, well before the loss blows up.
-Use a fresh trainer (it is trained during the test and then thrown away).
+The suggestion is Smith's rule, fastai's `lr_min`: the lr where the smoothed loss is lowest, divided
+by 10, i.e. an order of magnitude before the loss stops falling. (fastai's newer "valley" rule, the
+middle of the longest falling stretch, was measured here too: with the smoothing lag of a
+100-step test it landed in the flat start of the curve, 50-200x below the lrs that train well;
+bench/README.md, "lr finder".) Use a fresh trainer: it is trained during the test, then thrown away.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from freezeflow.params import LrFindParams
 
 SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected (as fastai's LRFinder)
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
-MIN_VALLEY = 5  # a falling stretch shorter than this is noise: fall back to (lr at the minimum) / 10
+BEFORE_MINIMUM = 10.0  # suggestion = (lr at the smoothed minimum) / this
 
 
 @dataclass(frozen=True)
@@ -55,29 +57,13 @@ def smooth_losses(losses: list[float]) -> list[float]:
     return out
 
 
-def longest_descent(values: list[float]) -> tuple[int, int]:
-    """(first, last) index of the longest strictly decreasing subsequence of `values` (O(n^2))."""
-    length = [1] * len(values)
-    first = list(range(len(values)))
-    for i in range(len(values)):
-        for j in range(i):
-            if values[i] < values[j] and length[j] + 1 > length[i]:
-                length[i], first[i] = length[j] + 1, first[j]
-    last = max(range(len(values)), key=lambda i: (length[i], -i))
-    return first[last], last
-
-
 def suggest_lr(lrs: list[float], smoothed: list[float]) -> float:
-    """The valley rule (module docstring); always one of `lrs`, so inside the tested range."""
+    """(lr at the lowest smoothed loss) / 10, never below the first lr tested: inside the tested range."""
     finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
     if not finite:
         return float(lrs[0])
-    values = [smoothed[i] for i in finite]
-    first, last = longest_descent(values)
-    if last - first + 1 >= MIN_VALLEY:
-        return float(lrs[finite[first + (last - first) // 2]])
-    best = finite[int(np.argmin(values))]
-    return float(max(lrs[best] / 10, lrs[0]))
+    best = min(finite, key=lambda i: smoothed[i])
+    return float(max(lrs[best] / BEFORE_MINIMUM, lrs[0]))
 
 
 def batches_forever(trainer, gen: torch.Generator):

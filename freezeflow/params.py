@@ -194,6 +194,9 @@ class LrSpace(CheckedRange):
     enabled: bool = documented(True, "tune the peak learning rate, log-uniform (off: train.yaml's lr)")
     low: float = bounded(0.0001, 0.0, 10.0, "smallest lr", lo_open=True)
     high: float = bounded(0.1, 0.0, 10.0, "largest lr", lo_open=True)
+    around_finder: bool = documented(False, "centre the range on the lr finder's suggestion s (run once per "
+                                            "study): [s / span, s * span] instead of low..high")
+    span: float = bounded(10.0, 1.0, 1000.0, "`around_finder`: factor below and above the suggestion", lo_open=True)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ from freezeflow.tracking import (MlflowCallback, dataset_name, ensure_experiment
 from freezeflow.train import Layout, build_trainer
 
 PARENT_ATTR = "mlflow_parent_run_id"
+FINDER_ATTR = "lr_finder"  # study user attr: {"suggestion": lr, ...}, set once by the first prepare_study
 OOM_ENV = "FREEZEFLOW_TEST_OOM_TRIAL"
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
@@ -111,15 +112,27 @@ def suggest_schedule(trial: optuna.Trial, space: SearchSpace, out: dict[str, Any
         out["plateau_factor"] = trial.suggest_float("plateau_factor", s.plateau_factor.low, s.plateau_factor.high)
 
 
-def suggest_train(trial: optuna.Trial, space: SearchSpace, train: TrainParams, n_train: int) -> dict[str, Any]:
-    """Train keys (dotted: `freeze.until`) for one trial; disabled dimensions are left out."""
+def lr_range(space: SearchSpace, finder: dict | None) -> tuple[float, float]:
+    """low..high of the lr dimension: tune.yaml's, or centred on the study's lr finder suggestion."""
+    if space.lr.around_finder and finder:
+        s = finder["suggestion"]
+        return max(s / space.lr.span, 1e-12), min(s * space.lr.span, 10.0)
+    return space.lr.low, space.lr.high
+
+
+def suggest_train(trial: optuna.Trial, space: SearchSpace, train: TrainParams, n_train: int,
+                  finder: dict | None = None) -> dict[str, Any]:
+    """Train keys (dotted: `freeze.until`) for one trial; disabled dimensions are left out.
+    finder: the study's lr finder result ({"suggestion": lr}) when tune or train.lr=auto asked for one."""
     out: dict[str, Any] = {}
     batch = train.batch_size
     if space.batch_size.enabled:
         batch = out["batch_size"] = trial.suggest_categorical("batch_size", batch_choices(space, n_train))
     if space.lr.enabled:
-        lr = trial.suggest_float("lr", space.lr.low, space.lr.high, log=True)
+        lr = trial.suggest_float("lr", *lr_range(space, finder), log=True)
         out["lr"] = scale_lr(lr, batch, space)
+    elif train.lr == "auto" and finder:
+        out["lr"] = finder["suggestion"]  # one range test per study, not one per trial
     if space.schedule.enabled:
         suggest_schedule(trial, space, out)
     if space.weight_decay.enabled:
@@ -338,6 +351,12 @@ class ReportToTrial:
             self.trial.set_user_attr("pruned_reason", self.pruner)
             raise optuna.TrialPruned(f"pruned by the {self.pruner} pruner after epoch {report.epoch}")
 
+    def on_divergence(self, message: str) -> None:
+        """A diverged trial (NaN loss, val accuracy at chance) is pruned, not completed."""
+        self.trial.set_user_attr("pruned_reason", "diverged")
+        self.trial.set_user_attr("divergence", message)
+        raise optuna.TrialPruned(message)
+
 
 class InjectOom:
     """Test hook (FREEZEFLOW_TEST_OOM_TRIAL=<trial number>): CUDA out of memory after epoch 1."""
@@ -409,7 +428,8 @@ class TrialRunner:
         self.client = MlflowClient(resolve_tracking_uri(self.root))
 
     def __call__(self, trial: optuna.Trial) -> float:
-        values = suggest_train(trial, self.params.tune.space, self.params.train, len(self.prepared.split["train"]))
+        values = suggest_train(trial, self.params.tune.space, self.params.train, len(self.prepared.split["train"]),
+                               trial.study.user_attrs.get(FINDER_ATTR))
         trial.set_user_attr("train", values)
         trial.set_user_attr("worker", self.worker)
         try:
@@ -645,7 +665,7 @@ def prepare_study(root: Path, params_dir: str | Path = "params", overrides: list
     """Validate, prepare the data once, create (or load) the study and its MLflow parent run."""
     settings, params = resolve_settings(root, params_dir, overrides, workers, storage, study, n_trials)
     root = Path(settings.root)
-    prepare_step(params, root)  # decode once here: workers then only read the prepared cache
+    prepared = prepare_step(params, root)  # decode once here: workers then only read the prepared cache
     optuna_study = optuna.create_study(storage=open_storage(settings.storage, params.tune),
                                        study_name=settings.study_name, direction="maximize",
                                        sampler=make_sampler(params.tune), pruner=make_pruner(params.tune),
@@ -654,7 +674,26 @@ def prepare_study(root: Path, params_dir: str | Path = "params", overrides: list
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, dataset_name(params, root), resolve_artifact_location(uri, root))
     settings = replace(settings, experiment_id=experiment_id)
-    return replace(settings, parent_run_id=ensure_parent_run(client, optuna_study, settings, params))
+    settings = replace(settings, parent_run_id=ensure_parent_run(client, optuna_study, settings, params))
+    ensure_lr_finder(optuna_study, resolve_data_params(params, root), prepared, Layout(root), client,
+                     settings.parent_run_id)
+    return settings
+
+
+def ensure_lr_finder(study: optuna.Study, params: Params, prepared: Prepared, layout: Layout,
+                     client: MlflowClient, parent_run_id: str) -> None:
+    """One lr range test per study, when the space is centred on it or train.lr is auto: stored as a
+    study user attr (every worker, on any machine, reads the same one) and logged on the parent run."""
+    wanted = (params.tune.space.lr.enabled and params.tune.space.lr.around_finder) or params.train.lr == "auto"
+    if not wanted or FINDER_ATTR in study.user_attrs:
+        return
+    from freezeflow.tracking import log_lr_find
+    from freezeflow.train import find_learning_rate
+
+    result = find_learning_rate(params, prepared, layout)
+    study.set_user_attr(FINDER_ATTR, {"suggestion": result.suggestion, "steps": len(result.lrs),
+                                      "trainable_stages": result.trainable_stages})
+    log_lr_find(client, parent_run_id, result)
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

@@ -81,6 +81,24 @@ def write_figures_dataset(root: Path, per_class: int = 12) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory):
+    """photo_folder(name, per_class) -> a real photo set (freezeflow.photosets: JPEG patches of
+    scikit-image's sample photos, grayscale and RGB, one rare class), written once per session."""
+    from freezeflow.photosets import write_photoset
+
+    made: dict[tuple[str, int], Path] = {}
+
+    def make(name: str, per_class: int = 10) -> Path:
+        if (name, per_class) not in made:
+            folder = tmp_path_factory.mktemp(f"photos-{name}") / name
+            write_photoset(name, folder, per_class)
+            made[name, per_class] = folder
+        return made[name, per_class]
+
+    return make
+
+
 @pytest.fixture
 def shapes_dir(tmp_path: Path) -> Path:
     return write_shapes_dataset(tmp_path / "shapes")

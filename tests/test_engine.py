@@ -41,10 +41,12 @@ def clone_project(project: Path, name: str) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("strategy", ["head", "gradual", "freezeout", "none"])
+@pytest.mark.parametrize("strategy", ["head", "until", "gradual", "freezeout", "none"])
 def test_resume_is_bit_exact_on_cpu(project, shapes_dir, strategy):
     overrides = tiny_overrides(shapes_dir, **{"train.freeze.strategy": strategy, "train.freeze.t0": 0.5,
-                                              "train.schedule": "cosine", "train.label_smoothing": 0.1})
+                                              "train.freeze.until": 2, "train.body_lr_factor": 0.2,
+                                              "train.lr_decay": 0.7, "train.schedule": "cosine",
+                                              "train.label_smoothing": 0.1})
     straight = trainer_for(clone_project(project, "a"), overrides)
     straight.run()
 
@@ -64,6 +66,11 @@ def test_resume_is_bit_exact_on_cpu(project, shapes_dir, strategy):
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), f"{strategy}: {name} differs after resume"
     assert [r.val_loss for r in resumed.history] == [r.val_loss for r in straight.history]
+    # the discriminative rates survive the resume: same peak lr per stage, same lrs logged every epoch
+    decay = 0.5 if strategy == "gradual" else 0.7  # gradual keeps freeze.lr_decay
+    share = {g["stage"]: g["base_lr"] / 0.01 for g in resumed.optimizer.param_groups}
+    assert share == {i: pytest.approx(1.0 if i == 5 else 0.2 * decay ** (4 - i)) for i in share}
+    assert [r.lrs for r in resumed.history] == [r.lrs for r in straight.history]
 
 
 def test_feature_cache_is_built_once_and_reused_across_runs(project, shapes_dir):

@@ -10,7 +10,7 @@ import torch
 
 from freezeflow.errors import ParamsError
 from freezeflow.freezing import FreezePlan
-from freezeflow.params import FreezeParams, load_params
+from freezeflow.params import FreezeParams, TrainParams, load_params
 from freezeflow.prepare import prepare_dataset
 from freezeflow.train import Layout, build_trainer
 from tests.conftest import tiny_overrides
@@ -18,8 +18,15 @@ from tests.conftest import tiny_overrides
 N = 6  # resnet18: stem, stage1..4, head
 
 
-def plan(strategy: str, **kw) -> FreezePlan:
-    return FreezePlan.from_params(FreezeParams(strategy=strategy, **kw), N, "resnet18")
+def plan(strategy: str, body_lr_factor: float = 1.0, body_lr_decay: float = 1.0, **kw) -> FreezePlan:
+    train = TrainParams(backbone="resnet18", freeze=FreezeParams(strategy=strategy, **kw),
+                        body_lr_factor=body_lr_factor, lr_decay=body_lr_decay)
+    return FreezePlan.from_params(train, N)
+
+
+def rule(stage: int, factor: float, decay: float, head: int = N - 1) -> float:
+    """The documented discriminative rule (freezing.py): head 1, body stage at depth d factor * decay**(d-1)."""
+    return 1.0 if stage == head else factor * decay ** (head - stage - 1)
 
 
 @pytest.mark.parametrize("strategy,expected", [
@@ -55,8 +62,17 @@ def test_freezeout_times_follow_the_cubic_schedule():
 
 
 def test_gradual_discriminative_lrs():
-    p = plan("gradual", lr_decay=0.5)
+    p = plan("gradual", body_lr_factor=0.5, lr_decay=0.5)  # the ULMFiT rule: lr * 0.5 ** depth
     assert [p.lr_scale(i) for i in range(N)] == [0.5 ** (5 - i) for i in range(N)]
+    p = plan("gradual", body_lr_factor=0.1, body_lr_decay=0.9, lr_decay=0.5)  # gradual keeps its own decay
+    assert [p.lr_scale(i) for i in range(N)] == pytest.approx([rule(i, 0.1, 0.5) for i in range(N)])
+
+
+@pytest.mark.parametrize("strategy", ["none", "until", "freezeout"])
+def test_every_strategy_uses_the_one_discriminative_rule(strategy):
+    p = plan(strategy, body_lr_factor=0.1, body_lr_decay=0.5, until=2, lr_decay=0.9)
+    assert [p.lr_scale(i) for i in range(N)] == pytest.approx([rule(i, 0.1, 0.5) for i in range(N)])
+    assert p.lr_scale(N - 1) == 1.0 and p.lr_scale(N - 2) == pytest.approx(0.1)
 
 
 def test_until_out_of_range_names_key_and_allowed_values():
@@ -118,9 +134,9 @@ def test_strategy_state_every_epoch(project, shapes_dir, strategy, frozen, cache
         assert row["groups"] == list(reversed(range(k, N)))  # head first, then downwards, no duplicates
         assert row["bn_unchanged"] and row["frozen_in_eval"]
         assert row["report_frozen"] == k
-    if strategy == "gradual":
-        lrs = seen.rows[-1]["lrs"]
-        assert lrs == {i: pytest.approx(0.01 * 0.5 ** (5 - i)) for i in range(2, N)}
+    lrs = seen.rows[-1]["lrs"]  # the documented rule (defaults: body_lr_factor 0.1, lr_decay 0.5)
+    decay = trainer.params.freeze.lr_decay if strategy == "gradual" else trainer.params.lr_decay
+    assert lrs == {i: pytest.approx(0.01 * rule(i, trainer.params.body_lr_factor, decay)) for i in range(frozen[-1], N)}
     assert not seen.backward_stages & set(range(min(frozen))), "backward ran through a frozen stage"
 
 
@@ -144,7 +160,8 @@ def test_freezeout_stages_leave_the_optimizer(project, shapes_dir):
     for stage, lr in seen.rows[0]["lrs"].items():
         if stage < N - 1 and stage >= seen.rows[0]["frozen"]:
             p0 = (trainer.steps_per_epoch - 1) / trainer.total_steps
-            expect = 0.01 / times[stage] * 0.5 * (1 + math.cos(math.pi * min(p0 / times[stage], 1)))
+            share = rule(stage, trainer.params.body_lr_factor, trainer.params.lr_decay)
+            expect = 0.01 * share / times[stage] * 0.5 * (1 + math.cos(math.pi * min(p0 / times[stage], 1)))
             assert lr == pytest.approx(expect)
     assert progress > times[-1]
 
