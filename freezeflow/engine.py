@@ -35,6 +35,7 @@ from freezeflow.schedules import PlateauState, lr_factor
 
 
 ADAPT_BATCH = 128  # AdaBN pass: fixed, so the adapted statistics do not depend on train.batch_size
+ADAPT_IMAGES = 1024  # AdaBN: statistics of 1k images are as good as of all; evenly spaced over the split
 
 
 @dataclass
@@ -191,6 +192,7 @@ class Trainer:
         key = feature_key(self.data_key, self.model.name, self.params.weights, 0, None, 0, 0, bn_adapt=True)
         path = root / f"{self.model.name}-adabn-{key}.pt" if root is not None else None
         rows = self.split["train"]
+        rows = rows[np.linspace(0, len(rows) - 1, min(len(rows), ADAPT_IMAGES)).astype(int)]  # sorted: by class
         batches = (self.to_layout(self.normalize(torch.from_numpy(self.images[rows[i:i + ADAPT_BATCH]])
                                                  .to(self.device)))
                    for i in range(0, len(rows), ADAPT_BATCH))

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from freezeflow.cli import app
 from tests.conftest import BIN
 
-COMMANDS = ["ingest", "prepare", "train", "evaluate", "predict", "pipeline", "tune", "schedule", "report", "bench",
+COMMANDS = ["ingest", "prepare", "train", "lr-find", "evaluate", "predict", "pipeline", "tune", "schedule", "report", "bench",
             "ui", "data", "server"]
 
 
