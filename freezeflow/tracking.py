@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,8 @@ from freezeflow.modelio import ModelInfo, load_model
 from freezeflow.params import Params, flatten
 from freezeflow.plots import (history_rows, plot_confusion, plot_epoch_times, plot_learning_curves, plot_lr_find,
                               plot_lr_groups, plot_per_class)
-from freezeflow.prepare import Prepared, prepare_dataset
-from freezeflow.train import Layout, run_training
+from freezeflow.prepare import Prepared
+from freezeflow.train import Layout, open_prepared, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -324,14 +324,6 @@ def log_totals(client: MlflowClient, run_id: str, totals: dict[str, float]) -> N
     client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0) for k, v in totals.items()], synchronous=True)
 
 
-def prepared_for(params: Params, layout: Layout) -> Prepared:
-    """The prepared data training used (a cache hit: nothing is decoded again)."""
-    data = params.data
-    if not Path(data.dir).is_absolute():
-        data = replace(data, dir=str(layout.root / data.dir))
-    return prepare_dataset(data, layout.prepared)
-
-
 def write_plots(history: list[dict], val_report: dict, folder: Path) -> list[Path]:
     return [
         plot_learning_curves(history, folder / "learning_curves.png"),
@@ -414,7 +406,7 @@ def finish_run(client: MlflowClient, run_id: str, callback: MlflowCallback, metr
     client.set_tag(run_id, "data_hash", metrics["data_hash"])
     history = history_rows(json.loads((layout.reports / "history.json").read_text()))
     backfill_epochs(callback, history)
-    prepared = prepared_for(params, layout)
+    prepared = open_prepared(params, layout)  # the data training used: a cache hit
     val_report = log_reports(client, run_id, layout, prepared, history)
     totals = total_metrics(metrics) | {"val_macro_f1": val_report["macro_f1"]}
     log_totals(client, run_id, totals)

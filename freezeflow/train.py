@@ -20,8 +20,8 @@ import torch
 from freezeflow import distributed
 from freezeflow.backbones import build_backbone, min_image_size, normalization
 from freezeflow.engine import Trainer, TrainResult
-from freezeflow.errors import ParamsError, UserError
 from freezeflow.checkpoint import load_trusted
+from freezeflow.errors import ParamsError, UserError
 from freezeflow.freezing import FreezePlan
 from freezeflow.lr_finder import LrFindResult, find_lr
 from freezeflow.metrics import summarize_predictions
@@ -124,17 +124,23 @@ def probe_head_accuracy(params: Params, prepared: Prepared, layout: Layout) -> f
     return build_trainer(replace(params, train=probe), prepared, layout, [], checkpoint=False).run().best_val_accuracy
 
 
+def open_prepared(params: Params, layout: Layout, progress=None) -> Prepared:
+    """The prepared data of params.data (decoded once, then a cache hit); a relative data.dir is
+    relative to the project root."""
+    data_params = params.data
+    if not Path(data_params.dir).is_absolute():
+        data_params = replace(data_params, dir=str(layout.root / data_params.dir))
+    return prepare_dataset(data_params, layout.prepared, progress)
+
+
 def run_training(params: Params, root: Path = Path("."), resume: bool = False, callbacks: list | None = None,
                  progress=None) -> dict:
     """Prepare (or reuse) the data, train, evaluate on val and test, write model + reports."""
     validate_params(params)
     world = distributed.init_distributed(params.train.device)  # under torchrun: join the group
     layout = Layout(Path(root))
-    data_params = params.data
-    if not Path(data_params.dir).is_absolute():
-        data_params = replace(data_params, dir=str(layout.root / data_params.dir))
     with distributed.main_first():  # rank 0 decodes the images once, the others open its cache
-        prepared = prepare_dataset(data_params, layout.prepared, progress if world.is_main else None)
+        prepared = open_prepared(params, layout, progress if world.is_main else None)
     params = resolve_lr(params, prepared, layout, resume, (callbacks or []) if world.is_main else [])
     reference = lambda: probe_head_accuracy(params, prepared, layout)  # noqa: E731 - asked for lazily
     trainer = build_trainer(params, prepared, layout, callbacks or [], reference=reference)
@@ -158,11 +164,7 @@ def run_lr_find(params: Params, root: Path = Path("."), progress=None) -> LrFind
     """`freezeflow lr-find`: prepare (or reuse) the data, run the range test, write reports/lr_find.json."""
     validate_params(params)
     layout = Layout(Path(root))
-    data_params = params.data
-    if not Path(data_params.dir).is_absolute():
-        data_params = replace(data_params, dir=str(layout.root / data_params.dir))
-    prepared = prepare_dataset(data_params, layout.prepared, progress)
-    result = find_learning_rate(params, prepared, layout)
+    result = find_learning_rate(params, open_prepared(params, layout, progress), layout)
     write_json_atomic(layout.reports / "lr_find.json", result.to_dict())
     return result
 

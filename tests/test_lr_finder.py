@@ -111,3 +111,25 @@ def test_sweep_range_centres_on_the_finder(tmp_path, textures, monkeypatch):
     assert values["lr"] == pytest.approx(finder["suggestion"])
     again = prepare_study(tmp_path, str(Path(__file__).parents[1] / "params"), sets)  # a joining worker
     assert optuna.load_study(study_name=again.study_name, storage=again.storage).user_attrs[FINDER_ATTR] == finder
+
+
+def test_a_resumed_auto_lr_run_keeps_the_lr_it_started_with(tmp_path, textures):
+    class StopAfterFirstEpoch:
+        def __init__(self):
+            self.found: list[float] = []
+
+        def on_lr_found(self, result):
+            self.found.append(result.suggestion)
+
+        def on_epoch_end(self, report):
+            if report.epoch == 1:
+                raise KeyboardInterrupt  # a crash right after epoch 1 was checkpointed
+
+    params = load_params(Path(__file__).parents[1] / "params", overrides(textures, **{"train.lr": "auto"}))
+    first = StopAfterFirstEpoch()
+    with pytest.raises(KeyboardInterrupt):
+        run_training(params, tmp_path, callbacks=[first])
+    again = StopAfterFirstEpoch()
+    metrics = run_training(params, tmp_path, resume=True, callbacks=[again])
+    assert again.found == [], "the range test does not run again on resume"
+    assert metrics["lr"] == pytest.approx(first.found[0]) and metrics["epochs"] == 2
