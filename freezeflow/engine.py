@@ -396,7 +396,7 @@ class Trainer:
         """After guard_epochs epochs, val accuracy at chance is reported once (freezeflow.guard)."""
         if not self.params.guard_epochs or self.epoch != self.params.guard_epochs or self.divergence:
             return
-        if self.best["val_accuracy"] > self.chance:
+        if self.chance is None or self.best["val_accuracy"] > self.chance:
             return
         lrs = self.peak_lrs()
         trains_body = any(k != "lr/head" for k in lrs)

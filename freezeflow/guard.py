@@ -3,11 +3,12 @@
 Two states are caught:
 - the training loss is NaN or inf: nothing can recover, so training stops (`TrainingDiverged`);
 - after `train.guard_epochs` epochs the best val accuracy is still at chance (at most the
-  majority-class rate plus two binomial standard deviations). When body stages train, a short
-  head-only probe on the same data tells the two usual causes apart: if the head alone does
-  better, the body's learning rate is destroying the pretrained weights; if not, the head's lr or
-  the data is the problem. The run goes on (it may recover), but the verdict is reported to every
-  callback (`on_divergence`: the CLI prints it, MLflow tags the run, Optuna prunes the trial).
+  majority-class rate plus two binomial standard deviations; checked when val has 30+ images).
+  When body stages train, a short head-only probe on the same data tells the two usual causes
+  apart: if the head alone does better, the body's learning rate is destroying the pretrained
+  weights; if not, the head's lr or the data is the problem. The run goes on (it may recover),
+  but the verdict is reported to every callback (`on_divergence`: the CLI prints it, MLflow tags
+  the run, Optuna prunes the trial).
 """
 
 from __future__ import annotations
@@ -19,14 +20,18 @@ import numpy as np
 from freezeflow.errors import UserError
 
 CHANCE_SIGMAS = 2.0
+MIN_VAL_IMAGES = 30  # below this, 2 sigmas of a binomial span most of [0, 1]: no verdict
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN/inf: the message names the likely cause and the param to change."""
 
 
-def chance_threshold(val_labels: np.ndarray, num_classes: int) -> float:
-    """Val accuracy at or below this is chance: the majority-class rate + 2 binomial std devs."""
+def chance_threshold(val_labels: np.ndarray, num_classes: int) -> float | None:
+    """Val accuracy at or below this is chance: the majority-class rate + 2 binomial std devs.
+    None when the val split is too small to tell chance from learning (the chance check is then off)."""
+    if len(val_labels) < MIN_VAL_IMAGES:
+        return None
     counts = np.bincount(val_labels, minlength=num_classes)
     p = max(counts.max() / max(len(val_labels), 1), 1.0 / num_classes)
     return float(p + CHANCE_SIGMAS * math.sqrt(p * (1 - p) / max(len(val_labels), 1)))

@@ -16,7 +16,7 @@ from freezeflow.guard import TrainingDiverged, chance_threshold
 from freezeflow.params import load_params
 from freezeflow.train import run_training
 from freezeflow.tune import run_tune
-from tests.conftest import BIN, REPO
+from tests.conftest import BIN, REPO, write_shapes_dataset
 from tests.test_tune import make_project, open_study
 
 SMALL = {"data.image_size": 32, "train.epochs": 3, "train.batch_size": 16}
@@ -33,7 +33,8 @@ def params_for(data: Path, **extra):
 def test_chance_threshold_is_the_majority_rate_plus_two_sigmas():
     labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
     assert chance_threshold(labels, 3) == pytest.approx(0.5 + 2 * (0.25 / 100) ** 0.5)
-    assert chance_threshold(np.array([0, 1, 2, 3]), 4) == pytest.approx(0.25 + 2 * (0.25 * 0.75 / 4) ** 0.5)
+    assert chance_threshold(np.array([0, 1, 2, 3] * 8), 4) == pytest.approx(0.25 + 2 * (0.25 * 0.75 / 32) ** 0.5)
+    assert chance_threshold(np.array([0, 1, 2, 3]), 4) is None  # 4 val images cannot tell chance from learning
 
 
 def test_nan_loss_stops_training_with_one_line_naming_the_lr(tmp_path, photo_folder):
@@ -51,7 +52,7 @@ def test_body_lr_too_high_is_reported_against_the_head_alone(tmp_path, photo_fol
         def on_divergence(self, message):
             warnings.append(message)
 
-    params = params_for(photo_folder("textures", 10), **{"train.freeze.strategy": "none", "train.lr": 0.1,
+    params = params_for(photo_folder("textures", 40), **{"train.freeze.strategy": "none", "train.lr": 0.1,
                                                         "train.body_lr_factor": 1.0})
     metrics = run_training(params, tmp_path, callbacks=[Listener()])
     assert metrics["epochs"] == 3, "chance level is reported, the run goes on"
@@ -84,10 +85,10 @@ def test_cli_prints_the_cause_in_one_line_and_mlflow_records_it(tmp_path, photo_
 
 def test_a_diverged_trial_is_pruned_not_completed(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    overrides = make_project(tmp_path, **{"train.freeze.strategy": "none", "train.body_lr_factor": 1.0,
-                                          "tune.space.lr.low": 5.0, "tune.space.lr.high": 10.0,
-                                          "tune.space.schedule.choices": "[constant]", "tune.epochs": 3,
-                                          "train.guard_epochs": 1})
+    overrides = make_project(tmp_path, **{"train.weight_decay": 1.0, "tune.space.lr.low": 10.0,
+                                          "tune.space.lr.high": 10.0, "tune.space.batch_size.choices": "[4]",
+                                          "tune.space.schedule.choices": "[constant]", "tune.epochs": 4})
+    write_shapes_dataset(tmp_path / "data" / "shapes", classes=3, per_class=40)  # enough steps to overflow
     run_tune(tmp_path, "params", overrides, workers=1, n_trials=2)
     trials = open_study(f"sqlite:///{tmp_path.resolve() / 'optuna' / 'optuna.db'}").get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED] * 2
