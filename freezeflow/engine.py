@@ -220,7 +220,8 @@ class Trainer:
         if params.cache_features == "on" and not deterministic:
             raise UserError("params/train.yaml: cache_features: on needs deterministic inputs: set augment_views "
                             "> 0 (cached augmented views) or augment.enabled: false")
-        return params.cache_features != "off" and deterministic and self.plan.strategy != "none"
+        trains_everything = self.plan.strategy == "none" and not self.plan.head_epochs  # no prefix ever frozen
+        return params.cache_features != "off" and deterministic and not trains_everything
 
     def make_cache(self, root: Path | None, params: TrainParams) -> FeatureCache:
         def key_fn(k: int) -> str:
@@ -242,7 +243,10 @@ class Trainer:
         return Batches(self.images, self.split["train"], 0)
 
     def update_freezing(self, progress: float) -> None:
-        frozen = self.plan.frozen_count(self.epoch, progress)
+        self.apply_frozen(self.plan.frozen_count(self.epoch, progress))
+
+    def apply_frozen(self, frozen: int) -> None:
+        """Freeze the first `frozen` stages (and only them): requires_grad, optimizer groups, modes."""
         if frozen != self.frozen:
             self.frozen = frozen
             apply_freeze(self.model, frozen)
@@ -393,16 +397,24 @@ class Trainer:
         return {f"lr/{self.model.stage_names[g['stage']]}": float(g["base_lr"]) for g in self.optimizer.param_groups}
 
     def check_chance(self) -> None:
-        """After guard_epochs epochs, val accuracy at chance is reported once (freezeflow.guard)."""
-        if not self.params.guard_epochs or self.epoch != self.params.guard_epochs or self.divergence:
+        """After guard_epochs epochs of fine-tuning (epochs in which body stages trained; every epoch for
+        `head`), val accuracy at chance is reported once (freezeflow.guard). The head alone's accuracy
+        comes from this run's head-only epochs (LP-FT) when it had any, else from a short probe."""
+        head = self.plan.head
+        tuned = [r for r in self.history if r.frozen_stages < head] or \
+            (self.history if self.plan.strategy == "head" else [])
+        if not self.params.guard_epochs or len(tuned) != self.params.guard_epochs or self.divergence:
             return
-        if self.chance is None or self.best["val_accuracy"] > self.chance:
+        val = self.history[-1].val_accuracy  # now, not the best: a head-only epoch may have been better
+        if self.chance is None or val > self.chance:
             return
         lrs = self.peak_lrs()
         trains_body = any(k != "lr/head" for k in lrs)
-        head_alone = self.reference() if trains_body and self.reference and not self.world.enabled else None
-        self.report_divergence(chance_verdict(self.best["val_accuracy"], self.chance, self.epoch, lrs,
-                                              self.params.lr, self.params.body_lr_factor, head_alone))
+        probed = [r.val_accuracy for r in self.history if r.frozen_stages == head]
+        head_alone = max(probed) if trains_body and probed else \
+            self.reference() if trains_body and self.reference and not self.world.enabled else None
+        self.report_divergence(chance_verdict(val, self.chance, self.epoch, lrs, self.params.lr,
+                                              self.params.body_lr_factor, head_alone))
 
     def report_divergence(self, message: str) -> None:
         self.divergence = message

@@ -1,7 +1,8 @@
 """The learning-rate range test (Smith 2015, arXiv:1506.01186): a good peak lr in seconds.
 
-`find_lr(trainer, settings)` trains the trainer's *trainable part only* for `steps` batches while
-the head's lr grows geometrically from `start` to `end` (every trainable body stage follows at
+`find_lr(trainer, settings)` trains the trainer's *trainable part only* (the stages that fine-tune,
+past any head-only epochs) for `steps` batches while the head's lr grows geometrically from `start`
+to `end` (every trainable body stage follows at
 its discriminative share, so the rule of `freezeflow.freezing` holds during the test too). The
 inputs come from the frozen-feature cache whenever a prefix is frozen, so for `head` the whole
 test is a few hundred small matrix products. The test stops early once the smoothed loss is 4x
@@ -85,7 +86,7 @@ def find_lr(trainer, settings: LrFindParams) -> LrFindResult:
 
     gen = torch.Generator().manual_seed(trainer.params.seed)
     torch.manual_seed(trainer.params.seed)
-    trainer.update_freezing(0.0)
+    trainer.apply_frozen(trainer.plan.fine_tune_frozen())  # the stages that fine-tune, past any head-only epochs
     set_train_mode(trainer.model, trainer.frozen, trainer.params.bn)
     schedule = range_lrs(settings.start, settings.end, settings.steps)
     lrs, losses, best, stopped = [], [], math.inf, False

@@ -73,9 +73,10 @@ class DataParams:
 class FreezeParams:
     strategy: str = choice("head", STRATEGIES, "which stages train (see README: Freezing)")
     until: int = bounded(3, 0, None, "`until`: stages 0..until-1 are frozen")
-    head_epochs: int = bounded(1, 0, None, "`gradual`: epochs with only the head training")
+    head_epochs: int = bounded(1, 0, None, "`none`, `until`, `gradual`: epochs with only the head training "
+                               "first (LP-FT)")
     every: int = bounded(1, 1, None, "`gradual`: epochs between unfreezing one more stage")
-    lr_decay: float = bounded(0.5, 0.0, 1.0, "`gradual`: lr factor per stage below the top", lo_open=True)
+    lr_decay: float = bounded(0.75, 0.0, 1.0, "`gradual`: lr factor per stage below the top", lo_open=True)
     t0: float = bounded(0.8, 0.0, 1.0, "`freezeout`: fraction of training when stage 0 freezes", lo_open=True)
     scale_lr: bool = documented(False, "`freezeout`: start stage i at lr / t_i (the paper's scaled variant; "
                                        "off by default: more accurate with AdamW in bench/)")
@@ -109,9 +110,9 @@ class TrainParams:
     batch_size: int = bounded(64, 1, 65_536, "images per step")
     lr: float | str = auto_or_bounded(0.01, 0.0, 10.0, "peak learning rate of the head; `auto`: the lr "
                                       "finder's suggestion (see `freezeflow lr-find`)")
-    body_lr_factor: float = bounded(0.1, 0.0, 1.0, "lr of the top trainable body stage relative to the head's "
+    body_lr_factor: float = bounded(0.3, 0.0, 1.0, "lr of the top trainable body stage relative to the head's "
                                     "(discriminative lrs; see README: Freezing)", lo_open=True)
-    lr_decay: float = bounded(0.5, 0.0, 1.0, "further lr factor per body stage below the top one "
+    lr_decay: float = bounded(0.75, 0.0, 1.0, "further lr factor per body stage below the top one "
                               "(`gradual` uses freeze.lr_decay)", lo_open=True)
     bn: str = choice("train", ("train", "frozen"), "BatchNorm of trainable stages: `train` (batch statistics) or "
                      "`frozen` (running statistics kept, affine params still learn)")
@@ -208,6 +209,15 @@ class WeightDecaySpace(CheckedRange):
 
 
 @dataclass(frozen=True)
+class BodyLrSpace(CheckedRange):
+    KEY = "body_lr_factor"
+    enabled: bool = documented(False, "tune train.body_lr_factor, log-uniform (its best value depends on how far the "
+                                      "data is from ImageNet: bench/README.md)")
+    low: float = bounded(0.05, 0.0, 1.0, "smallest body_lr_factor", lo_open=True)
+    high: float = bounded(1.0, 0.0, 1.0, "largest body_lr_factor", lo_open=True)
+
+
+@dataclass(frozen=True)
 class StepSizeRange(CheckedRange):
     KEY = "schedule.step_size"
     low: int = bounded(1, 1, None, "`step`: fewest epochs between lr drops")
@@ -282,6 +292,7 @@ class SearchSpace:
     base_batch_size: int = bounded(64, 1, 65_536, "batch size the sampled lr refers to (`lr_scaling`)")
     schedule: ScheduleSpace = field(default_factory=ScheduleSpace)
     weight_decay: WeightDecaySpace = field(default_factory=WeightDecaySpace)
+    body_lr_factor: BodyLrSpace = field(default_factory=BodyLrSpace)
     freeze: FreezeSpace = field(default_factory=FreezeSpace)
     optimizer: OptimizerSpace = field(default_factory=OptimizerSpace)
 

@@ -138,6 +138,9 @@ def suggest_train(trial: optuna.Trial, space: SearchSpace, train: TrainParams, n
     if space.weight_decay.enabled:
         out["weight_decay"] = trial.suggest_float("weight_decay", space.weight_decay.low, space.weight_decay.high,
                                                   log=True)
+    if space.body_lr_factor.enabled:
+        out["body_lr_factor"] = trial.suggest_float("body_lr_factor", space.body_lr_factor.low,
+                                                    space.body_lr_factor.high, log=True)
     if space.freeze.enabled:
         strategy = out["freeze.strategy"] = trial.suggest_categorical("freeze.strategy", space.freeze.choices)
         if strategy == "until":
