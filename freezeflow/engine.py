@@ -220,8 +220,7 @@ class Trainer:
         if params.cache_features == "on" and not deterministic:
             raise UserError("params/train.yaml: cache_features: on needs deterministic inputs: set augment_views "
                             "> 0 (cached augmented views) or augment.enabled: false")
-        trains_everything = self.plan.strategy == "none" and not self.plan.head_epochs  # no prefix ever frozen
-        return params.cache_features != "off" and deterministic and not trains_everything
+        return params.cache_features != "off" and deterministic and self.plan.strategy != "none"
 
     def make_cache(self, root: Path | None, params: TrainParams) -> FeatureCache:
         def key_fn(k: int) -> str:

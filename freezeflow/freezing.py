@@ -6,10 +6,8 @@ list, so the whole freezing state is one number: `frozen`, the count of leading 
     none       frozen = 0
     head       frozen = n - 1 (linear probe)
     until      frozen = k
-    gradual    one more stage from the top every `every` epochs (ULMFiT, Howard & Ruder 2018)
-    none, until and gradual first train the head alone for `head_epochs` epochs: a random head's
-    first gradients would otherwise wreck the pretrained stages (LP-FT, Kumar et al. 2022,
-    arXiv:2202.10054)
+    gradual    head alone for `head_epochs`, then one more stage from the top every `every` epochs
+               (ULMFiT, Howard & Ruder 2018)
     freezeout  stage i trains until t_i = (t0 + (1 - t0) * i / L) ** 3 of training, its lr
                cosine-annealed to 0 by then (Brock et al. 2017, arXiv:1706.04983)
 
@@ -77,15 +75,15 @@ class FreezePlan:
 
     def frozen_count(self, epoch: int, progress: float) -> int:
         """Leading stages frozen at `epoch` (0-based) and `progress` in [0, 1] of all steps."""
-        if self.strategy == "head":
-            return self.head
-        if self.strategy in ("none", "until", "gradual") and epoch < self.head_epochs:
-            return self.head  # the head alone first: linear probe, then fine-tune (LP-FT)
         if self.strategy == "none":
             return 0
+        if self.strategy == "head":
+            return self.head
         if self.strategy == "until":
             return self.until
         if self.strategy == "gradual":
+            if epoch < self.head_epochs:
+                return self.head
             return max(0, self.head - 1 - (epoch - self.head_epochs) // self.every)
         return sum(1 for t in self.freeze_times() if progress >= t)  # freezeout: t_i increase with i
 

@@ -73,8 +73,7 @@ class DataParams:
 class FreezeParams:
     strategy: str = choice("head", STRATEGIES, "which stages train (see README: Freezing)")
     until: int = bounded(3, 0, None, "`until`: stages 0..until-1 are frozen")
-    head_epochs: int = bounded(1, 0, None, "`none`, `until`, `gradual`: epochs with only the head training "
-                               "first (LP-FT)")
+    head_epochs: int = bounded(1, 0, None, "`gradual`: epochs with only the head training")
     every: int = bounded(1, 1, None, "`gradual`: epochs between unfreezing one more stage")
     lr_decay: float = bounded(0.75, 0.0, 1.0, "`gradual`: lr factor per stage below the top", lo_open=True)
     t0: float = bounded(0.8, 0.0, 1.0, "`freezeout`: fraction of training when stage 0 freezes", lo_open=True)
