@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.lock $(PIPQ)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . $(PIPQ)
-	$(PY) -c "import freezeflow.cli, torch, torchvision, prefect, mlflow, optuna, dvc"
+	$(PY) -c "import freezeflow.app.cli, torch, torchvision, prefect, mlflow, optuna, dvc"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,9 +34,11 @@ run: $(STAMP) data
 	@echo "results: reports/metrics.json reports/eval.json models/ ; runs: $(FF) ui  (MLflow on http://127.0.0.1:5000)"
 
 test: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP) data

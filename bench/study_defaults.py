@@ -5,7 +5,7 @@
 
 GRID.json is a list of {"name": ..., "sets": ["train.key=value", ...]}; every run trains EfficientNet-Lite0
 with the project's params plus those overrides, 10 epochs at 64 px, seed 0, one thread, on the photo sets of
-`freezeflow.photosets` (130 images per class, the rare class a quarter of that). Runs of one dataset share a
+`freezeflow.app.photosets` (130 images per class, the rare class a quarter of that). Runs of one dataset share a
 project root, so frozen features are computed once per key. A finished (name, dataset) is never rerun: the
 study resumes where it stopped. One seed per cell: differences under ~3 points are within seed noise;
 `freezeflow bench quality` measures the chosen defaults over several seeds.
@@ -25,9 +25,9 @@ DATASETS = ("textures", "scenes", "glyphs")
 def run(grid: Path, out: Path, datasets: tuple[str, ...], work: Path, params_dir: str) -> None:
     import torch
 
-    from freezeflow.params import load_params
-    from freezeflow.photosets import write_photoset
-    from freezeflow.train import run_training
+    from freezeflow.core.params import load_params
+    from freezeflow.app.photosets import write_photoset
+    from freezeflow.core.train.run import run_training
 
     torch.set_num_threads(1)
     configs = json.loads(grid.read_text())

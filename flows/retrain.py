@@ -15,8 +15,8 @@ def champion_task(root: str, name: str) -> dict | None:
     """The registered champion of dataset `name` (version, run, val metric, data hash), if any."""
     import mlflow
 
-    from freezeflow.registry import champion_info
-    from freezeflow.tracking import resolve_tracking_uri
+    from freezeflow.integrations.registry import champion_info
+    from freezeflow.integrations.tracking import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(Path(root)))
     return champion_info(name)
@@ -37,7 +37,7 @@ def should_retrain(data_hash: str | None, champion: dict | None, force: bool) ->
 def scheduled_retraining(root: str = ".", params_dir: str = "params", overrides: list[str] | None = None,
                          promote_margin: float = 0.0, force: bool = False) -> dict:
     """Check data -> compare with the champion's data hash -> maybe train -> promote or keep."""
-    from freezeflow.params import load_params
+    from freezeflow.core.params import load_params
 
     root = str(Path(root).resolve())
     overrides = list(overrides or [])
@@ -69,7 +69,7 @@ def api_url_for_pool() -> str:
     """A work pool lives on a Prefect server: the ephemeral in-process API would forget it on exit."""
     from prefect.settings import PREFECT_API_URL
 
-    from freezeflow.errors import UserError
+    from freezeflow.core.errors import UserError
 
     url = PREFECT_API_URL.value()
     if not url:
@@ -99,7 +99,7 @@ def register_with_pool(name: str, cron: str, parameters: dict, pool: str):
     import httpx
     from prefect.deployments.runner import EntrypointType
 
-    from freezeflow.errors import UserError
+    from freezeflow.core.errors import UserError
 
     url = api_url_for_pool()
     try:

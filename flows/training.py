@@ -38,7 +38,7 @@ def training_pipeline(params_dir: str = "params", overrides: list[str] | None = 
 
 def record_dvc_lock(root: str) -> None:
     """`dvc commit` so that dvc.lock matches what the flow produced: `dvc repro` is then a no-op."""
-    from freezeflow.dvcops import is_dvc_repo, run_dvc
+    from freezeflow.integrations.dvc import is_dvc_repo, run_dvc
 
     if is_dvc_repo(Path(root)) and (Path(root) / "dvc.yaml").exists():
         run_dvc(["commit", "-f", "-q"], Path(root))

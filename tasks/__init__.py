@@ -1,1 +1,1 @@
-"""Prefect tasks: thin adapters over freezeflow.pipeline (the same functions the CLI and DVC call)."""
+"""Prefect tasks: thin adapters over freezeflow.app.steps (the same functions the CLI and DVC call)."""

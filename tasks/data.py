@@ -9,8 +9,8 @@ from pathlib import Path
 
 from prefect import task
 
-from freezeflow.params import load_params
-from freezeflow.pipeline import check_data, prepare_step
+from freezeflow.core.params import load_params
+from freezeflow.app.steps import check_data, prepare_step
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])

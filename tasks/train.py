@@ -7,8 +7,8 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from freezeflow.params import load_params
-from freezeflow.pipeline import evaluate_step, train_step
+from freezeflow.core.params import load_params
+from freezeflow.app.steps import evaluate_step, train_step
 
 
 def flow_run_tags() -> dict:
@@ -38,8 +38,8 @@ def register_task(root: str, run_id: str, name: str, val_accuracy: float, margin
     """Register the run's model; promote it to `champion` only if it beats the champion by `margin`."""
     import mlflow
 
-    from freezeflow.registry import promote_or_keep
-    from freezeflow.tracking import resolve_tracking_uri
+    from freezeflow.integrations.registry import promote_or_keep
+    from freezeflow.integrations.tracking import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(Path(root)))
 

@@ -1,4 +1,4 @@
-"""The tuning task: a thin adapter over freezeflow.tune (the same core `freezeflow tune` calls)."""
+"""The tuning task: a thin adapter over freezeflow.integrations.tune (the same core `freezeflow tune` calls)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from freezeflow.tune import run_tune
+from freezeflow.integrations.tune import run_tune
 
 
 @task(retries=0, cache_policy=NO_CACHE)

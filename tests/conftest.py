@@ -83,9 +83,9 @@ def write_figures_dataset(root: Path, per_class: int = 12) -> Path:
 
 @pytest.fixture(scope="session")
 def photo_folder(tmp_path_factory):
-    """photo_folder(name, per_class) -> a real photo set (freezeflow.photosets: JPEG patches of
+    """photo_folder(name, per_class) -> a real photo set (freezeflow.app.photosets: JPEG patches of
     scikit-image's sample photos, grayscale and RGB, one rare class), written once per session."""
-    from freezeflow.photosets import write_photoset
+    from freezeflow.app.photosets import write_photoset
 
     made: dict[tuple[str, int], Path] = {}
 

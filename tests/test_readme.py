@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from freezeflow.params import render_reference
+from freezeflow.core.params import render_reference
 from tests.conftest import REPO
 
 
@@ -18,4 +18,4 @@ def test_readme_opens_with_exactly_two_commands():
 def test_params_reference_is_current():
     text = (REPO / "README.md").read_text()
     section = text.split("<!-- params:start -->")[1].split("<!-- params:end -->")[0].strip()
-    assert section == render_reference().strip(), "run: python -m freezeflow.params and paste into README.md"
+    assert section == render_reference().strip(), "run: python -m freezeflow.core.params and paste into README.md"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from freezeflow.errors import ParamsError
-from freezeflow.params import load_params
+from freezeflow.core.errors import ParamsError
+from freezeflow.core.params import load_params
 
 FREEZEFLOW = str(Path(sys.executable).with_name("freezeflow"))
 

@@ -8,8 +8,8 @@ import pickle
 import pytest
 import torch
 
-from freezeflow.checkpoint import load_trusted, save_atomic
-from freezeflow.errors import UserError
+from freezeflow.core.io import load_trusted, save_atomic
+from freezeflow.core.errors import UserError
 
 
 class Boom:

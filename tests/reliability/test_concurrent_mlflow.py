@@ -16,7 +16,7 @@ WRITER = textwrap.dedent('''
     import sys, tempfile, os
     from mlflow import MlflowClient
     from mlflow.entities import Metric
-    from freezeflow.tracking import ensure_experiment
+    from freezeflow.integrations.tracking import ensure_experiment
     uri, worker, artifacts = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None
     client = MlflowClient(uri)
     exp = ensure_experiment(client, "concurrent", artifacts)

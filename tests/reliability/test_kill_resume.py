@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from freezeflow.checkpoint import load_trusted
+from freezeflow.core.io import load_trusted
 from tests.conftest import BIN, tiny_overrides, write_shapes_dataset
 
 

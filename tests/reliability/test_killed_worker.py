@@ -11,8 +11,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from freezeflow.tune import prepare_study, start_workers
-from tests.test_tune import DONE, counts, make_project, mlflow_client, open_study
+from freezeflow.integrations.tune import prepare_study, start_workers
+from tests.integrations.test_tune import DONE, counts, make_project, mlflow_client, open_study
 
 def wait_for_running_trial(url: str, timeout: float = 240.0) -> optuna.trial.FrozenTrial:
     """The first trial that is RUNNING and has reported an epoch (so it is mid-training)."""

@@ -15,8 +15,8 @@ from tests.conftest import tiny_overrides
 SCRIPT = textwrap.dedent('''
     import gc, json, sys
     from pathlib import Path
-    from freezeflow.params import load_params
-    from freezeflow.train import run_training
+    from freezeflow.core.params import load_params
+    from freezeflow.core.train.run import run_training
 
     def rss_mb():
         for line in open("/proc/self/status"):

@@ -1,0 +1,146 @@
+"""The pipeline's steps as plain functions: the CLI, the DVC stages and the Prefect tasks all call these.
+
+This is an adapter layer (it may use DVC and MLflow); the core it calls stays framework-free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from freezeflow.core.errors import UserError
+from freezeflow.core.params import Params
+from freezeflow.core.layout import Layout, resolve_data_params
+
+
+def check_data(params: Params, root: Path, allow_dirty: bool = False) -> dict:
+    """Refuse data that differs from data.dvc (unless allowed); pull it when it is missing."""
+    from freezeflow.integrations.dvc import data_status, is_dvc_repo, pull_data, read_dvc_hash
+
+    data_dir = (root / params.data.dir).resolve()
+    dvc_file = root / "data.dvc"
+    inside = (root / "data").resolve() in (data_dir, *data_dir.parents)
+    if not (is_dvc_repo(root) and dvc_file.exists() and inside):
+        return {"tracked": False, "dvc_hash": None}
+    if not data_dir.exists():
+        pull_data(root)
+    status = data_status(root)
+    if status and not allow_dirty:
+        raise UserError(f"{params.data.dir}: data differs from data.dvc ({describe_status(status)}); run "
+                        "`dvc add data` to version the change, `dvc checkout` to restore, or pass --allow-dirty-data")
+    return {"tracked": True, "dvc_hash": read_dvc_hash(dvc_file), "dirty": bool(status)}
+
+
+def describe_status(status: dict) -> str:
+    for entries in status.values():
+        for entry in entries:
+            if isinstance(entry, dict):
+                for kind, change in entry.items():
+                    return f"{kind}: {change}"
+    return "modified"
+
+
+def prepare_step(params: Params, root: Path, progress: Callable | None = None):
+    from freezeflow.core.data.prepare import open_prepared
+
+    return open_prepared(params, Layout(root), progress)
+
+
+def train_step(params: Params, root: Path, resume: bool = False, track: bool = True,
+               allow_dirty_data: bool = False, run_name: str | None = None, tags: dict | None = None,
+               callbacks: list | None = None) -> dict:
+    """check data -> train (prepares first if needed) -> metrics; logged to MLflow when `track`.
+
+    Under torchrun every rank runs this; rank 0 alone checks the data and logs to MLflow."""
+    from freezeflow.core.train.distributed import is_main_process
+
+    main = is_main_process()
+    data_info = check_data(params, root, allow_dirty_data) if main else {}
+    params = resolve_data_params(params, root)
+    if not track or not main:
+        from freezeflow.core.train.run import run_training
+
+        return run_training(params, root, resume=resume, callbacks=callbacks)
+    from freezeflow.integrations.tracking import tracked_training
+
+    extra = dict(tags or {})
+    if data_info.get("dvc_hash"):
+        extra["dvc_data_md5"] = data_info["dvc_hash"]
+    return tracked_training(params, root, resume=resume, run_name=run_name, extra_tags=extra,
+                            callbacks=callbacks or [])
+
+
+def lr_find_step(params: Params, root: Path, track: bool = True) -> dict:
+    """`freezeflow lr-find`: the range test (core), its plot, and an MLflow run holding both."""
+    from freezeflow.integrations.plots import plot_lr_find
+    from freezeflow.core.train.run import run_lr_find
+
+    params = resolve_data_params(params, root)
+    result = run_lr_find(params, root)
+    plot = plot_lr_find(result, root / "reports" / "lr_find.png")
+    out = {"suggestion": result.suggestion, "plot": str(plot), "report": str(root / "reports" / "lr_find.json"),
+           "steps": len(result.lrs), "trainable_stages": result.trainable_stages, "run_id": None}
+    if track:
+        from freezeflow.integrations.tracking import tracked_lr_find
+
+        out["run_id"] = tracked_lr_find(params, root, result)
+    return out
+
+
+def launch_training(params: Params, root: Path, nproc: int, args: list[str], allow_dirty_data: bool = False,
+                    debug: bool = False) -> int:
+    """`freezeflow train --nproc N`: check once here (one clear error), then torchrun N ranks of
+    `freezeflow train` with the same arguments. Returns torchrun's exit code."""
+    import subprocess
+
+    from freezeflow.core.train.distributed import build_launch_command, check_batch_size, World
+    from freezeflow.core.train.run import validate_params
+
+    validate_params(params)
+    check_batch_size(params.train.batch_size, World(size=nproc))
+    check_data(params, root, allow_dirty_data)
+    command = build_launch_command(nproc, "freezeflow.app.cli", [*(["--debug"] if debug else []), "train", *args])
+    return subprocess.run(command, cwd=root).returncode
+
+
+def evaluate_step(params: Params, root: Path, model_uri: str | None = None) -> dict:
+    from freezeflow.core.infer.evaluate import evaluate_model, write_eval
+
+    prepared = prepare_step(params, root)
+    if model_uri:
+        from freezeflow.integrations.tracking import load_registered
+
+        model, info = load_registered(model_uri)
+        report = evaluate_model((model, info), prepared, params.evaluate.split, params.evaluate.batch_size)
+    else:
+        report = evaluate_model(root / "models", prepared, params.evaluate.split, params.evaluate.batch_size)
+    write_eval(report, root / "reports" / "eval.json")
+    return report
+
+
+def predict_step(root: Path, paths: list[Path], model_uri: str | None = None) -> list[dict]:
+    from freezeflow.core.models.io import load_model
+    from freezeflow.core.infer.predict import predict_files
+
+    if model_uri:
+        from freezeflow.integrations.tracking import load_registered
+
+        model, info = load_registered(model_uri)
+    else:
+        model, info = load_model(root / "models")
+    return predict_files(model, info, [Path(p) for p in paths])
+
+
+def tune_step(root: Path, params_dir: str, overrides: list[str], workers: int | None, storage: str | None,
+              study: str | None, gpus: str | None, n_trials: int | None) -> dict:
+    """`freezeflow tune`: run_tune with the terminal's progress bar, then one summary line."""
+    from freezeflow.app.progress import SweepProgress
+    from freezeflow.integrations.tune import run_tune
+
+    summary = run_tune(root, params_dir, overrides, workers, storage, study, gpus, n_trials, progress=SweepProgress)
+    if summary["best_value"] is None:
+        print(f"study {summary['study_name']}: no complete trial; params/best.yaml unchanged", flush=True)
+    else:
+        print(f"best val_accuracy {summary['best_value']:.4f} (trial #{summary['best_trial']}) "
+              f"{summary['best_train']} -> params/best.yaml, reports/tune.json", flush=True)
+    return summary

@@ -1,0 +1,2 @@
+"""Data: ImageFolder scanning and ingest (folders), decoding (images), the prepared dataset decoded once
+into a uint8 array (prepare), and GPU/CPU batch augmentation (augment)."""

@@ -1,0 +1,44 @@
+"""Augmentation on tensors, batched, on whatever device the batch lives on.
+
+One random affine per image does random-resized-crop, horizontal flip and rotation in a single
+`grid_sample`: no PIL, no per-image Python work, so it runs on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from freezeflow.core.params import AugmentParams
+
+
+def sample_affine(n: int, params: AugmentParams, generator: torch.Generator) -> torch.Tensor:
+    """(n, 2, 3) affine matrices mapping output to input coordinates in [-1, 1]."""
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+    area = uniform(params.crop_scale, 1.0)
+    log_ratio = uniform(math.log(3 / 4), math.log(4 / 3))
+    ratio = torch.exp(log_ratio)
+    sx = torch.sqrt(area * ratio).clamp(max=1.0)  # crop width as a fraction of the image
+    sy = torch.sqrt(area / ratio).clamp(max=1.0)
+    tx = uniform(-1.0, 1.0) * (1 - sx)  # keep the crop inside the image
+    ty = uniform(-1.0, 1.0) * (1 - sy)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if params.flip else torch.ones(n)
+    angle = uniform(-params.rotate, params.rotate) * math.pi / 180
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([
+        torch.stack([cos * sx * flip, -sin * sy, tx], dim=1),
+        torch.stack([sin * sx * flip, cos * sy, ty], dim=1),
+    ], dim=1)
+    return theta
+
+
+def augment_batch(x: torch.Tensor, params: AugmentParams, generator: torch.Generator) -> torch.Tensor:
+    """x: (B, C, H, W) float -> augmented (B, C, H, W). The generator lives on the CPU (reproducible)."""
+    theta = sample_affine(x.shape[0], params, generator).to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -1,0 +1,4 @@
+"""Training: freezing strategies (freezing), lr schedules, the loop (engine), the frozen-feature cache
+(features), the lr range test, the divergence guard, DDP, and run_training (run).
+
+`python -m freezeflow.core.train` trains on a bare box; under torchrun it runs data-parallel."""

@@ -1,0 +1,536 @@
+"""tracking: the MLflow adapter. The only module of freezeflow that imports mlflow.
+
+`tracked_training` wraps `freezeflow.core.train.run.run_training` in an MLflow run: every resolved param,
+per-epoch metrics (step = epoch), lineage tags (data hash, git commit, Prefect flow run, device,
+library versions), totals, reports, plots and the model (MLflow pytorch flavor in the safe `pt2`
+format, plus `model.json` and weights-only `weights/model.pt` next to it). `register_model` and
+`load_registered` move models through the registry; loading never unpickles anything that could
+run code.
+
+Where: `MLFLOW_TRACKING_URI` when set, else `sqlite:///<root>/mlflow/mlflow.db` with artifacts
+in `<root>/mlflow/artifacts`. `register_model`/`load_registered` read `tracking_uri` if given,
+else that env var, else a URI set with mlflow.set_tracking_uri, else the default store under the
+current folder. Nothing happens at import time; mlflow's global URI is set only for the duration
+of a call (`configure_tracking` sets it for good, for the CLI and flows). One process should not
+run two tracked trainings against different stores in parallel threads (the global is shared).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+import torchvision
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from freezeflow.core.train.engine import EpochReport, resolve_device
+from freezeflow.core.errors import UserError
+from freezeflow.core.infer.evaluate import evaluate_model, write_eval
+from freezeflow.core.models.io import ModelInfo, load_model
+from freezeflow.core.params import Params, flatten
+from freezeflow.integrations.plots import (history_rows, plot_confusion, plot_epoch_times, plot_learning_curves, plot_lr_find,
+                              plot_lr_groups, plot_per_class)
+from freezeflow.core.data.prepare import Prepared
+from freezeflow.core.data.prepare import open_prepared
+from freezeflow.core.layout import Layout, dataset_name
+from freezeflow.core.train.run import run_training
+
+logger = logging.getLogger(__name__)
+
+ENV_URI = "MLFLOW_TRACKING_URI"
+MODEL_NAME = "model"  # artifact name of the logged model: runs:/<run_id>/model
+WEIGHTS_DIR = "weights"  # weights-only state dict inside the logged model: weights/model.pt
+ALIASES = ("champion", "challenger")
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+BATCH_LIMIT = 100  # MLflow accepts at most 100 params per log_batch call
+
+
+# ---- where ---------------------------------------------------------------------------------------
+
+def resolve_tracking_uri(root: Path) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a sqlite file under <root>/mlflow/ (folder created)."""
+    if os.environ.get(ENV_URI):
+        return os.environ[ENV_URI]
+    folder = Path(root).resolve() / "mlflow"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def resolve_artifact_location(uri: str, root: Path) -> str | None:
+    """Artifacts of new experiments: next to a sqlite file, <root>/mlflow/artifacts for other
+    database URIs, the server's choice (None) for http(s) and databricks."""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///:memory:"):
+        folder = Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve().parent / "artifacts"
+    else:
+        folder = Path(root).resolve() / "mlflow" / "artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder.as_uri()
+
+
+def configure_tracking(root: Path) -> str:
+    """Point the mlflow module at this project's store for the rest of the process (CLI, flows)."""
+    uri = resolve_tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@contextlib.contextmanager
+def tracking_scope(uri: str) -> Iterator[None]:
+    """Use `uri` for mlflow's fluent API inside the block, then restore what was there before.
+
+    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; restoring both keeps one call from
+    leaking its store into the next (another project root, another test).
+    """
+    from mlflow.tracking._tracking_service import utils as service_utils
+
+    saved_uri = getattr(service_utils, "_tracking_uri", None)
+    saved_env = os.environ.get(ENV_URI)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop(ENV_URI, None)
+        else:
+            os.environ[ENV_URI] = saved_env
+
+
+def current_uri(tracking_uri: str | None = None, root: Path = Path(".")) -> str:
+    """The store to read: `tracking_uri`, else MLFLOW_TRACKING_URI, else a URI set with
+    mlflow.set_tracking_uri, else the project's default store under `root`."""
+    from mlflow.tracking._tracking_service import utils as service_utils
+
+    return (tracking_uri or os.environ.get(ENV_URI) or getattr(service_utils, "_tracking_uri", None)
+            or resolve_tracking_uri(root))
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """Experiment id for `name`, created (with our artifact location) when missing."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:  # created meanwhile by another worker
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    if found.lifecycle_stage == "deleted":
+        raise UserError(f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore "
+                        f"--experiment-id {found.experiment_id}`) or pick another experiment name")
+    return found.experiment_id
+
+
+# ---- per-epoch metrics ---------------------------------------------------------------------------
+
+def metric_key(name: str) -> str:
+    """MLflow metric name for an internal key: `lr/head` -> `lr_head`."""
+    return name.replace("/", "_")
+
+
+def epoch_metrics(report: EpochReport) -> dict[str, float]:
+    """What one epoch logs (step = epoch)."""
+    values = {
+        "train_loss": report.train_loss,
+        "train_accuracy": report.train_accuracy,
+        "val_loss": report.val_loss,
+        "val_accuracy": report.val_accuracy,
+        "time_per_epoch_s": report.epoch_time_s,
+        "images_per_s": report.images_per_s,
+        "data_wait_fraction": report.data_wait_fraction,
+        "frozen_stages": report.frozen_stages,
+        "from_cache": float(report.from_cache),
+    }
+    values |= {metric_key(k if k.startswith("lr/") else f"lr/{k}"): v for k, v in report.lrs.items()}
+    return {k: float(v) for k, v in values.items()}
+
+
+class MlflowCallback:
+    """Trainer callback: one `log_batch` per epoch with all of that epoch's metrics."""
+
+    def __init__(self, run_id: str, tracking_uri: str | None = None, client: MlflowClient | None = None):
+        self.run_id = run_id
+        self.client = client or MlflowClient(tracking_uri)
+        self.logged_epochs: set[int] = set()
+
+    def on_epoch_end(self, report: EpochReport) -> None:
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(key, value, stamp, report.epoch) for key, value in epoch_metrics(report).items()]
+        self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+        self.logged_epochs.add(report.epoch)
+
+    def on_lr_found(self, result) -> None:
+        log_lr_find(self.client, self.run_id, result)
+
+    def on_divergence(self, message: str) -> None:
+        """The guard's verdict: a tag the runs table can filter on (tags.divergence), and a 0/1 metric."""
+        self.client.set_tag(self.run_id, "divergence", message[:5000])
+        log_totals(self.client, self.run_id, {"diverged": 1.0})
+
+
+def log_lr_find(client: MlflowClient, run_id: str, result) -> None:
+    """The range test on a run: the curve as metrics (step = test step), the suggestion as a param,
+    the plot and the raw numbers as artifacts."""
+    stamp = int(time.time() * 1000)
+    metrics = [Metric("lr_find_loss", loss, stamp, i) for i, loss in enumerate(result.losses) if np.isfinite(loss)]
+    metrics += [Metric("lr_find_lr", lr, stamp, i) for i, lr in enumerate(result.lrs)]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start:start + 1000], synchronous=True)
+    client.log_param(run_id, "lr_found", f"{result.suggestion:.6g}")
+    with tempfile.TemporaryDirectory(prefix="freezeflow-lr-find-") as tmp:
+        (Path(tmp) / "lr_find.json").write_text(json.dumps(result.to_dict(), indent=1))
+        client.log_artifact(run_id, str(Path(tmp) / "lr_find.json"), "reports")
+        client.log_artifact(run_id, str(plot_lr_find(result, Path(tmp) / "lr_find.png")), "plots")
+
+
+def report_from_row(row: dict) -> EpochReport:
+    """Rebuild an EpochReport from a reports/history.json row (lr/<stage> keys -> lrs)."""
+    names = {f.name for f in fields(EpochReport)} - {"lrs"}
+    return EpochReport(**{k: row[k] for k in names}, lrs={k: v for k, v in row.items() if k.startswith("lr/")})
+
+
+def backfill_epochs(callback: MlflowCallback, history: list[dict]) -> None:
+    """After --resume, log the epochs trained before the interruption (the checkpoint's history)."""
+    for row in history:
+        if row["epoch"] not in callback.logged_epochs:
+            callback.on_epoch_end(report_from_row(row))
+
+
+# ---- lineage -------------------------------------------------------------------------------------
+
+def git_commit(root: Path) -> str:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+def prefect_flow_run_id() -> str | None:
+    """The enclosing Prefect flow run, if any (prefect is only consulted when already imported)."""
+    if os.environ.get("PREFECT__FLOW_RUN_ID"):
+        return os.environ["PREFECT__FLOW_RUN_ID"]
+    if "prefect" not in sys.modules:
+        return None
+    try:
+        from prefect.runtime import flow_run
+    except ImportError:
+        return None
+    try:
+        run_id = flow_run.id
+    except Exception:  # noqa: BLE001 - only a tag: never fail a training over it
+        return None
+    return str(run_id) if run_id else None
+
+
+def describe_device(params: Params) -> str:
+    try:
+        device = resolve_device(params.train.device)
+    except UserError:
+        return params.train.device
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def start_tags(params: Params, root: Path, resume: bool, extra_tags: dict | None) -> dict[str, str]:
+    commit = git_commit(root)
+    tags = {
+        "git_commit": commit,
+        "device": describe_device(params),
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "python_version": platform.python_version(),
+        "mlflow_version": mlflow.__version__,
+        "backbone": params.train.backbone,
+        "freeze_strategy": params.train.freeze.strategy,
+        "resumed": str(bool(resume)).lower(),
+    }
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    if flow_run := prefect_flow_run_id():
+        tags["prefect_flow_run_id"] = flow_run
+    return tags | {str(k): str(v) for k, v in (extra_tags or {}).items()}
+
+
+def log_params(client: MlflowClient, run_id: str, params: Params) -> None:
+    """Every resolved param, flattened: `train.freeze.strategy`, `data.image_size`, ..."""
+    items = [Param(key, str(value)) for key, value in flatten(params).items()]
+    for start in range(0, len(items), BATCH_LIMIT):
+        client.log_batch(run_id, params=items[start:start + BATCH_LIMIT], synchronous=True)
+
+
+# ---- after training ------------------------------------------------------------------------------
+
+def peak_memory() -> dict[str, float]:
+    """Peak RSS of this process and peak CUDA allocation, in MB."""
+    out: dict[str, float] = {}
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+        out["peak_rss_mb"] = rss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    except ImportError:  # Windows
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def total_metrics(metrics: dict) -> dict[str, float]:
+    """Run totals under names that do not collide with the per-epoch series."""
+    totals = {
+        "train_time_s": metrics["train_time_s"],
+        "test_accuracy": metrics["test_accuracy"],
+        "best_val_accuracy": metrics["val_accuracy"],
+        "best_val_loss": metrics["val_loss"],
+        "best_epoch": metrics["best_epoch"],
+        "epochs_trained": metrics["epochs"],
+        "mean_images_per_s": metrics["images_per_s"],
+        "mean_data_wait_fraction": metrics["data_wait_fraction"],
+        "stopped_early": float(metrics["stopped_early"]),
+        "feature_cache": float(metrics["feature_cache"]),
+    }
+    return {k: float(v) for k, v in (totals | peak_memory()).items()}
+
+
+def log_totals(client: MlflowClient, run_id: str, totals: dict[str, float]) -> None:
+    stamp = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0) for k, v in totals.items()], synchronous=True)
+
+
+def write_plots(history: list[dict], val_report: dict, folder: Path) -> list[Path]:
+    return [
+        plot_learning_curves(history, folder / "learning_curves.png"),
+        plot_lr_groups(history, folder / "lr_groups.png"),
+        plot_epoch_times(history, folder / "epoch_times.png"),
+        plot_confusion(val_report["confusion_matrix"], val_report["classes"], folder / "confusion_val.png"),
+        plot_per_class(val_report, folder / "per_class_val.png"),
+    ]
+
+
+def log_reports(client: MlflowClient, run_id: str, layout: Layout, prepared: Prepared,
+                history: list[dict]) -> dict:
+    """metrics.json, history.json, params.yaml, a val evaluation and the PNG plots."""
+    for name in ("metrics.json", "history.json"):
+        client.log_artifact(run_id, str(layout.reports / name), "reports")
+    client.log_artifact(run_id, str(layout.models / "params.yaml"), "params")
+    val_report = evaluate_model(layout.models, prepared, "val")
+    with tempfile.TemporaryDirectory(prefix="freezeflow-plots-") as tmp:
+        write_eval(val_report, Path(tmp) / "eval_val.json")
+        client.log_artifact(run_id, str(Path(tmp) / "eval_val.json"), "reports")
+        for png in write_plots(history, val_report, Path(tmp)):
+            client.log_artifact(run_id, str(png), "plots")
+    return val_report
+
+
+# ---- the model -----------------------------------------------------------------------------------
+
+def example_batch(info: ModelInfo, prepared: Prepared) -> np.ndarray:
+    """Two normalized val images, float32 (2, 3, S, S): what the logged model's forward takes.
+
+    Two, not one: torch.export specializes a size-1 batch dimension to a constant, so a batch of
+    one would give a model that only accepts batches of one.
+    """
+    rows = prepared.split["val"][:2]
+    if len(rows) < 2:
+        rows = np.resize(rows if len(rows) else np.arange(1), 2)
+    x = np.asarray(prepared.images[rows], dtype=np.float32) / 255.0
+    mean = np.asarray(info.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(info.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - mean) / std)
+
+
+def pip_requirements() -> list[str]:
+    """Given explicitly: MLflow's inference would load the model in a subprocess (seconds)."""
+    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
+            f"numpy=={np.__version__}"]
+
+
+def log_pytorch_model(model: torch.nn.Module, example: np.ndarray) -> tuple[Any, str]:
+    """MLflow pytorch flavor, `pt2` (torch.export, no pickle); pickle only if export fails."""
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, output)
+    common = {"name": MODEL_NAME, "input_example": example, "signature": signature,
+              "pip_requirements": pip_requirements()}
+    try:
+        return mlflow.pytorch.log_model(model, serialization_format="pt2", **common), "pt2"
+    except Exception as exc:  # noqa: BLE001 - torch.export cannot trace every graph; keep the run
+        logger.warning("torch.export of the model failed (%s); logging it with pickle instead",
+                       str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        return mlflow.pytorch.log_model(model, serialization_format="pickle", **common), "pickle"
+
+
+def log_model_files(client: MlflowClient, run_id: str, layout: Layout, prepared: Prepared) -> str:
+    """The pytorch-flavor model plus model.json and weights/model.pt inside the same model folder."""
+    model, info = load_model(layout.models)  # CPU, eval mode: what was saved, not the GPU copy
+    model_info, fmt = log_pytorch_model(model, example_batch(info, prepared))
+    client.log_model_artifact(model_info.model_id, str(layout.models / "model.json"))
+    client.log_model_artifact(model_info.model_id, str(layout.models / "model.pt"), WEIGHTS_DIR)
+    client.set_tag(run_id, "model_format", fmt)
+    client.set_tag(run_id, "model_id", model_info.model_id)
+    return model_info.model_id
+
+
+def finish_run(client: MlflowClient, run_id: str, callback: MlflowCallback, metrics: dict,
+               layout: Layout, params: Params) -> dict:
+    """Everything logged after a successful training; returns the val evaluation."""
+    client.set_tag(run_id, "data_hash", metrics["data_hash"])
+    history = history_rows(json.loads((layout.reports / "history.json").read_text()))
+    backfill_epochs(callback, history)
+    prepared = open_prepared(params, layout)  # the data training used: a cache hit
+    val_report = log_reports(client, run_id, layout, prepared, history)
+    totals = total_metrics(metrics) | {"val_macro_f1": val_report["macro_f1"]}
+    log_totals(client, run_id, totals)
+    log_model_files(client, run_id, layout, prepared)
+    return val_report
+
+
+# ---- the tracked run -----------------------------------------------------------------------------
+
+def tracked_training(params: Params, root: Path = Path("."), resume: bool = False, run_name: str | None = None,
+                     extra_tags: dict | None = None, callbacks: tuple | list = (),
+                     experiment: str | None = None) -> dict:
+    """run_training inside an MLflow run; returns its metrics plus `run_id`.
+
+    The run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C; the exception is re-raised.
+    Inside an active run (a tuning study's parent run) the run is nested under it.
+    """
+    root = Path(root)
+    uri = resolve_tracking_uri(root)
+    client = MlflowClient(uri)
+    name = experiment or dataset_name(params, root)
+    experiment_id = ensure_experiment(client, name, resolve_artifact_location(uri, root))
+    tags = start_tags(params, root, resume, extra_tags)
+    with tracking_scope(uri):
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags,
+                               nested=mlflow.active_run() is not None)
+        run_id = run.info.run_id
+        try:
+            log_params(client, run_id, params)
+            callback = MlflowCallback(run_id, client=client)
+            metrics = run_training(params, root, resume, callbacks=[callback, *callbacks])
+            finish_run(client, run_id, callback, metrics, Layout(root), params)
+        except KeyboardInterrupt:
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
+        except BaseException as exc:
+            tag_quietly(client, run_id, "error", f"{type(exc).__name__}: {first_line(exc)}")
+            mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+            raise
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    return metrics | {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}
+
+
+def tracked_lr_find(params: Params, root: Path, result) -> str:
+    """A finished MLflow run (run name lr-find, tag run_kind=lr_find) holding the params and the range test."""
+    root = Path(root)
+    uri = resolve_tracking_uri(root)
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, dataset_name(params, root), resolve_artifact_location(uri, root))
+    tags = start_tags(params, root, False, {"run_kind": "lr_find"})
+    run = client.create_run(experiment_id, run_name="lr-find", tags=tags)
+    try:
+        log_params(client, run.info.run_id, params)
+        log_lr_find(client, run.info.run_id, result)
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def tag_quietly(client: MlflowClient, run_id: str, key: str, value: str) -> None:
+    """Best effort: a failing store must not hide the exception being reported."""
+    try:
+        client.set_tag(run_id, key, value[:5000])
+    except Exception:  # noqa: BLE001
+        logger.debug("could not set tag %s on run %s", key, run_id, exc_info=True)
+
+
+# ---- registry ------------------------------------------------------------------------------------
+
+def register_model(run_id: str, name: str, alias: str | None = None, tracking_uri: str | None = None) -> int:
+    """Register runs:/<run_id>/model as a new version of `name`; point `alias` at it. Returns the version."""
+    if alias is not None and alias not in ALIASES:
+        raise UserError(f"--alias: {alias!r} is not allowed; allowed: {', '.join(ALIASES)}")
+    uri = current_uri(tracking_uri)
+    client = MlflowClient(uri)
+    source = f"runs:/{run_id}/{MODEL_NAME}"
+    with tracking_scope(uri):
+        try:
+            model_id = client.get_run(run_id).data.tags.get("model_id")
+            version = mlflow.register_model(f"models:/{model_id}" if model_id else source, name)
+        except MlflowException as exc:
+            raise UserError(f"{source}: cannot register in {uri} ({first_line(exc)}); allowed: the id of a "
+                            "finished run logged by tracked_training") from None
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def model_uri_of(uri: str) -> str | None:
+    """MLflow URI for `uri`, or None when it names a local folder."""
+    if uri.startswith(("models:/", "runs:/")):
+        return uri
+    if RUN_ID.match(uri) and not Path(uri).exists():
+        return f"runs:/{uri}/{MODEL_NAME}"
+    return None
+
+
+def load_registered(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, ModelInfo]:
+    """Model + info from `models:/NAME@alias`, `models:/NAME/<version>`, `runs:/ID/model`, a bare run
+    id, or a local folder holding model.json. Weights are read weights-only (no code can run)."""
+    mlflow_uri = model_uri_of(str(uri))
+    if mlflow_uri is None:
+        return load_model(Path(uri))
+    store = current_uri(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="freezeflow-model-") as tmp:
+        try:
+            with tracking_scope(store):
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mlflow_uri, dst_path=tmp,
+                                                                 tracking_uri=store))
+        except MlflowException as exc:
+            raise UserError(f"{uri}: not found in the MLflow store {store} ({first_line(exc)}); allowed: "
+                            "models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID/model, a run id or a "
+                            "folder with model.json") from None
+        return load_downloaded(local, str(uri))
+
+
+def load_downloaded(local: Path, uri: str) -> tuple[torch.nn.Module, ModelInfo]:
+    """Rebuild from the downloaded model.json + weights/model.pt via modelio.load_model."""
+    weights = local / WEIGHTS_DIR
+    if not (local / "model.json").exists() or not (weights / "model.pt").exists():
+        raise UserError(f"{uri}: no model.json and weights/model.pt in this MLflow model; allowed: models "
+                        "logged by freezeflow's tracked_training")
+    shutil.copy(local / "model.json", weights / "model.json")
+    return load_model(weights)

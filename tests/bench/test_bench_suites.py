@@ -1,0 +1,66 @@
+"""bench suites `sweep` and `gpu` run end to end with --tiny and write a report of the right shape.
+
+No timing assertions: times on a shared CI machine say nothing. The gpu suite runs its code on the CPU
+(--device cpu), which exists for this test only; without CUDA and without --device cpu it is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import harness
+
+
+def read_report(out, suite: str) -> dict:
+    paths = sorted(out.glob(f"{suite}-*.json"))
+    assert len(paths) == 1
+    report = json.loads(paths[0].read_text())
+    assert paths[0].with_suffix(".md").read_text().startswith(f"# freezeflow bench: {suite}")
+    assert report["suite"] == suite and report["settings"]["tiny"] is True
+    assert all({"name", "criterion", "value", "met"} <= set(t) for t in report["targets"])
+    assert all(isinstance(t["met"], bool) for t in report["targets"])
+    return report
+
+
+def test_sweep_suite_runs_every_study_and_the_plain_training(tmp_path):
+    pytest.importorskip("optuna")
+    pytest.importorskip("mlflow")
+    assert harness.main(["sweep", "--tiny", "--trials", "2", "--threads", "1", "--out", str(tmp_path)]) == 0
+    report = read_report(tmp_path, "sweep")
+    rows = {c["name"]: c for c in report["contenders"]}
+    assert list(rows) == ["sweep-on", "sweep-off", "plain-head", "sweep-freeze"]
+    for row in rows.values():
+        assert row["repeats"] == 1 and row["wall_s"]["median"] > 0
+        assert 0.0 <= row["best_val_accuracy"] <= 1.0
+    for name in ("sweep-on", "sweep-off", "sweep-freeze"):
+        assert rows[name]["trials"] == 2  # --tiny: the freeze study runs --trials trials, not 20
+        assert rows[name]["complete_runs"][0] + rows[name]["pruned_runs"][0] == 2
+        assert rows[name]["failed_runs"] == [0]
+    assert "tune.pruner=none" in rows["sweep-off"]["overrides"]
+    assert "tune.space.freeze.enabled=true" in rows["sweep-freeze"]["overrides"]
+    assert [t["name"] for t in report["targets"]] == ["sweep on vs off", "2-trial head/until sweep vs one plain "
+                                                      "training"]
+
+
+def test_gpu_suite_runs_its_code_on_the_cpu(tmp_path):
+    assert harness.main(["gpu", "--tiny", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]) == 0
+    report = read_report(tmp_path, "gpu")
+    rows = {c["name"]: c for c in report["contenders"]}
+    assert list(rows) == ["bare-step", "freezeflow-loop", "plain-head", "freezeflow-head"]
+    for name in ("bare-step", "freezeflow-loop"):
+        assert rows[name]["images_per_s"]["median"] > 0 and rows[name]["amp"] == "off"  # no AMP on a CPU
+    assert len(rows["freezeflow-loop"]["epoch_images_per_s_runs"][0]) == 3  # the first epoch is left out
+    for name in ("plain-head", "freezeflow-head"):
+        assert rows[name]["wall_s"]["median"] > 0 and 0.0 <= rows[name]["val_accuracy"] <= 1.0
+    assert report["gpu_settings"]["device"] == "cpu"
+    assert [t["name"] for t in report["targets"]] == ["training loop vs bare step"]
+    assert report["targets"][0]["value"] > 0
+
+
+def test_gpu_suite_without_cuda_is_skipped_with_a_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert harness.main(["gpu", "--tiny", "--out", str(tmp_path)]) == 0
+    assert "skipped suite gpu: no CUDA device" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,175 @@
+"""Freezing: per strategy and per epoch, which stages train, at what lr, with BatchNorm untouched."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from freezeflow.core.errors import ParamsError
+from freezeflow.core.train.freezing import FreezePlan
+from freezeflow.core.params import FreezeParams, TrainParams, load_params
+from freezeflow.core.data.prepare import prepare_dataset
+from freezeflow.core.layout import Layout
+from freezeflow.core.train.run import build_trainer
+from tests.conftest import tiny_overrides
+
+N = 6  # resnet18: stem, stage1..4, head
+
+
+def plan(strategy: str, body_lr_factor: float = 1.0, body_lr_decay: float = 1.0, **kw) -> FreezePlan:
+    train = TrainParams(backbone="resnet18", freeze=FreezeParams(strategy=strategy, **kw),
+                        body_lr_factor=body_lr_factor, lr_decay=body_lr_decay)
+    return FreezePlan.from_params(train, N)
+
+
+def rule(stage: int, factor: float, decay: float, head: int = N - 1) -> float:
+    """The documented discriminative rule (freezing.py): head 1, body stage at depth d factor * decay**(d-1)."""
+    return 1.0 if stage == head else factor * decay ** (head - stage - 1)
+
+
+@pytest.mark.parametrize("strategy,head_epochs,expected", [
+    ("none", 1, [0, 0, 0, 0]),
+    ("head", 1, [5, 5, 5, 5]),
+    ("until", 1, [2, 2, 2, 2]),
+    ("gradual", 1, [5, 4, 3, 2]),
+    ("gradual", 2, [5, 5, 4, 3]),
+])
+def test_frozen_count_per_epoch(strategy, head_epochs, expected):
+    p = plan(strategy, until=2, head_epochs=head_epochs, every=1)
+    assert [p.frozen_count(e, e / 4) for e in range(4)] == expected
+    assert p.fine_tune_frozen() == expected[head_epochs]  # what the lr finder tests: past the head-only epochs
+
+
+def test_gradual_every_two_epochs_and_floor_at_zero():
+    p = plan("gradual", head_epochs=2, every=2)
+    assert [p.frozen_count(e, 0) for e in range(14)] == [5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0, 0, 0]
+
+
+def test_freezeout_times_follow_the_cubic_schedule():
+    p = plan("freezeout", t0=0.8, scale_lr=True)  # the paper's variant (the default is unscaled)
+    times = p.freeze_times()
+    assert times == pytest.approx([(0.8 + 0.2 * i / 5) ** 3 for i in range(5)])
+    assert all(a < b for a, b in zip(times, times[1:]))
+    assert p.frozen_count(0, 0.0) == 0
+    assert p.frozen_count(0, times[0]) == 1
+    assert p.frozen_count(0, 0.999) == 5
+    # lr: scaled by 1/t_i and cosine-annealed to zero at t_i; the head follows the global schedule
+    assert p.lr_scale(0) == pytest.approx(1 / times[0])
+    assert p.lr_factor(0, 0.0, 0.7) == pytest.approx(1.0)
+    assert p.lr_factor(0, times[0] / 2, 0.7) == pytest.approx(0.5)
+    assert p.lr_factor(0, times[0], 0.7) == pytest.approx(0.0, abs=1e-12)
+    assert p.lr_factor(5, 0.3, 0.7) == 0.7
+
+
+def test_gradual_discriminative_lrs():
+    p = plan("gradual", body_lr_factor=0.5, lr_decay=0.5)  # the ULMFiT rule: lr * 0.5 ** depth
+    assert [p.lr_scale(i) for i in range(N)] == [0.5 ** (5 - i) for i in range(N)]
+    p = plan("gradual", body_lr_factor=0.1, body_lr_decay=0.9, lr_decay=0.5)  # gradual keeps its own decay
+    assert [p.lr_scale(i) for i in range(N)] == pytest.approx([rule(i, 0.1, 0.5) for i in range(N)])
+
+
+@pytest.mark.parametrize("strategy", ["none", "until", "freezeout"])
+def test_every_strategy_uses_the_one_discriminative_rule(strategy):
+    p = plan(strategy, body_lr_factor=0.1, body_lr_decay=0.5, until=2, lr_decay=0.9)
+    assert [p.lr_scale(i) for i in range(N)] == pytest.approx([rule(i, 0.1, 0.5) for i in range(N)])
+    assert p.lr_scale(N - 1) == 1.0 and p.lr_scale(N - 2) == pytest.approx(0.1)
+
+
+def test_until_out_of_range_names_key_and_allowed_values():
+    with pytest.raises(ParamsError, match=r"freeze.until: 9 is out of range .* allowed: 0..5"):
+        plan("until", until=9)
+
+
+class Inspector:
+    """Records, after every epoch, what the freezing module promised."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.rows: list[dict] = []
+        self.bn_start = {name: buf.clone() for name, buf in trainer.model.named_buffers()}
+        self.backward_stages: set[int] = set()
+        for i, stage in enumerate(trainer.model.stages):
+            stage.register_full_backward_hook(lambda m, gi, go, i=i: self.backward_stages.add(i))
+        self.backward_stages.clear()
+
+    def on_epoch_end(self, report) -> None:
+        t = self.trainer
+        frozen = t.frozen
+        stages = t.model.stages
+        self.rows.append({
+            "frozen": frozen,
+            "requires_grad": [all(p.requires_grad for p in s.parameters()) for s in stages],
+            "no_grad_attr": [all(p.grad is None for p in s.parameters()) for s in stages[:frozen]],
+            "groups": [g["stage"] for g in t.optimizer.param_groups],
+            "lrs": {g["stage"]: g["lr"] for g in t.optimizer.param_groups},
+            "bn_unchanged": all(torch.equal(buf, self.bn_start[f"stages.{i}.{n}"])
+                                for i in range(frozen) for n, buf in stages[i].named_buffers()),
+            "frozen_in_eval": all(not m.training for s in stages[:frozen] for m in s.modules()),
+            "report_frozen": report.frozen_stages,
+            "buffers": {name: buf.clone() for name, buf in t.model.named_buffers()},
+        })
+
+
+def make_trainer(project: Path, shapes_dir: Path, **extra):
+    params = load_params(project / "params", tiny_overrides(shapes_dir, **extra))
+    layout = Layout(project)
+    prepared = prepare_dataset(params.data, layout.prepared)
+    trainer = build_trainer(params, prepared, layout, [])
+    inspector = Inspector(trainer)
+    trainer.callbacks.append(inspector)
+    return trainer, inspector
+
+
+@pytest.mark.parametrize("strategy,frozen", [("none", [0] * 4), ("head", [5] * 4), ("until", [2] * 4),
+                                             ("gradual", [5, 4, 3, 2])])
+@pytest.mark.parametrize("cache", ["auto", "off"])
+def test_strategy_state_every_epoch(project, shapes_dir, strategy, frozen, cache):
+    trainer, seen = make_trainer(project, shapes_dir, **{"train.freeze.strategy": strategy, "train.freeze.until": 2,
+                                                         "train.cache_features": cache})
+    trainer.run()
+    assert [r["frozen"] for r in seen.rows] == frozen
+    for row, k in zip(seen.rows, frozen):
+        assert row["requires_grad"] == [i >= k for i in range(N)]
+        assert all(row["no_grad_attr"])
+        assert row["groups"] == list(reversed(range(k, N)))  # head first, then downwards, no duplicates
+        assert row["bn_unchanged"] and row["frozen_in_eval"]
+        assert row["report_frozen"] == k
+    lrs = seen.rows[-1]["lrs"]  # the documented rule (defaults: body_lr_factor 0.1, lr_decay 0.5)
+    decay = trainer.params.freeze.lr_decay if strategy == "gradual" else trainer.params.lr_decay
+    assert lrs == {i: pytest.approx(0.01 * rule(i, trainer.params.body_lr_factor, decay)) for i in range(frozen[-1], N)}
+    assert not seen.backward_stages & set(range(min(frozen))), "backward ran through a frozen stage"
+
+
+def test_freezeout_stages_leave_the_optimizer(project, shapes_dir):
+    trainer, seen = make_trainer(project, shapes_dir, **{"train.freeze.strategy": "freezeout",
+                                                         "train.freeze.t0": 0.5, "train.epochs": 4,
+                                                         "train.freeze.scale_lr": True})
+    trainer.run()
+    frozen = [r["frozen"] for r in seen.rows]
+    assert frozen == sorted(frozen) and frozen[-1] == N - 1 and frozen[0] < frozen[-1]
+    for prev, row in zip(seen.rows, seen.rows[1:]):
+        assert row["groups"] == list(reversed(range(row["frozen"], N)))
+        assert row["frozen_in_eval"]
+        # a stage trains before it freezes; from then on its BatchNorm statistics stay as they were
+        for name, buf in row["buffers"].items():
+            if int(name.split(".")[1]) < prev["frozen"]:
+                assert torch.equal(buf, prev["buffers"][name]), name
+    times = trainer.plan.freeze_times()
+    step = trainer.step - 1  # lrs were last set for this step
+    progress = step / trainer.total_steps
+    for stage, lr in seen.rows[0]["lrs"].items():
+        if stage < N - 1 and stage >= seen.rows[0]["frozen"]:
+            p0 = (trainer.steps_per_epoch - 1) / trainer.total_steps
+            share = rule(stage, trainer.params.body_lr_factor, trainer.params.lr_decay)
+            expect = 0.01 * share / times[stage] * 0.5 * (1 + math.cos(math.pi * min(p0 / times[stage], 1)))
+            assert lr == pytest.approx(expect)
+    assert progress > times[-1]
+
+
+def test_freezeout_unscaled_variant_keeps_the_base_lr():
+    p = plan("freezeout", t0=0.8, scale_lr=False)
+    assert [p.lr_scale(i) for i in range(N)] == [1.0] * N
+    assert p.lr_factor(0, p.freeze_times()[0] / 2, 0.7) == pytest.approx(0.5)  # still annealed on its clock

@@ -1,0 +1,251 @@
+"""Optuna sweeps for real: tiny studies on PNG files in tmp_path, worker processes sharing a sqlite
+file or a PostgreSQL database, a worker killed with SIGKILL, an injected CUDA OOM, the shared
+frozen-feature cache and the MLflow parent/child runs. No Optuna, MLflow or filesystem mocks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import FixedTrial, TrialState
+
+from freezeflow.core.errors import ParamsError, UserError
+from freezeflow.core.params import load_params
+from freezeflow.integrations.tune import (OOM_ENV, PARENT_ATTR, batch_choices, check_space, mask_url, prepare_study, run_tune,
+                             suggest_train, yaml_scalar)
+from tests.conftest import REPO, tiny_overrides, write_shapes_dataset
+
+PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+# 2 epochs per trial, batch sizes that fit the 18 training images, head strategy (features cached)
+TUNE = {"train.epochs": 2, "tune.epochs": 2, "tune.space.batch_size.choices": "[4, 8, 16]",
+        "tune.space.schedule.choices": "[constant, step, cosine]", "train.freeze.strategy": "head"}
+
+
+def make_project(root: Path, **extra) -> list[str]:
+    """params/ copied from the repo, 3 classes x 10 PNGs under data/shapes; returns the overrides."""
+    if not (root / "params").exists():
+        shutil.copytree(REPO / "params", root / "params", ignore=shutil.ignore_patterns("best.yaml"))
+    data = write_shapes_dataset(root / "data" / "shapes", classes=3, per_class=10)
+    return tiny_overrides(data, **{**TUNE, **extra})
+
+
+def open_study(url: str, name: str = "freezeflow") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    out = {state.name: 0 for state in TrialState}
+    for trial in study.get_trials():
+        out[trial.state.name] += 1
+    return out
+
+
+def mlflow_client(root: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{root.resolve() / 'mlflow' / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One 6-trial study, 2 worker processes, default sqlite storage, trial 1 hit by a CUDA OOM."""
+    root = tmp_path_factory.mktemp("sweep")
+    overrides = make_project(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv(OOM_ENV, "1")  # inherited by the spawned workers
+        started = time.perf_counter()
+        summary = run_tune(root, "params", overrides, workers=2, n_trials=6)
+        summary["seconds"] = time.perf_counter() - started
+    return root, overrides, summary
+
+
+# ---- fast: the search space and helpers ----------------------------------------------------------
+
+def test_conditional_params_follow_the_schedule(project):
+    params = load_params(project / "params")
+    space = params.tune.space
+    step = suggest_train(FixedTrial({"batch_size": 32, "lr": 0.01, "schedule": "step", "step_size": 2,
+                                     "gamma": 0.5}), space, params.train, 1000)
+    assert step == {"batch_size": 32, "lr": 0.01, "schedule": "step", "step_size": 2, "gamma": 0.5}
+    plateau = suggest_train(FixedTrial({"batch_size": 16, "lr": 0.01, "schedule": "plateau", "plateau_patience": 1,
+                                        "plateau_factor": 0.3}), space, params.train, 1000)
+    assert set(plateau) == {"batch_size", "lr", "schedule", "plateau_patience", "plateau_factor"}
+    cosine = suggest_train(FixedTrial({"batch_size": 16, "lr": 0.01, "schedule": "cosine", "warmup_epochs": 0.5}),
+                           space, params.train, 1000)
+    assert cosine["warmup_epochs"] == 0.5 and "gamma" not in cosine
+
+
+def test_lr_scaling_disabled_dimensions_and_batch_cap(project):
+    params = load_params(project / "params", ["tune.space.lr_scaling=linear", "tune.space.base_batch_size=64",
+                                              "tune.space.schedule.enabled=false", "tune.space.freeze.enabled=true",
+                                              "tune.space.freeze.choices=[until]"])
+    values = suggest_train(FixedTrial({"batch_size": 32, "lr": 0.01, "freeze.strategy": "until", "freeze.until": 2}),
+                           params.tune.space, params.train, 1000)
+    assert values == {"batch_size": 32, "lr": 0.005, "freeze.strategy": "until", "freeze.until": 2}
+    assert batch_choices(params.tune.space, 40) == [16, 32]
+    assert batch_choices(params.tune.space, 10) == [16]  # none fits: the smallest
+
+
+def test_bad_search_space_is_a_one_line_error(project):
+    with pytest.raises(ParamsError, match=r"tune.yaml: space.schedule.choices: \['cosine', 'linear'\] is not "
+                                          r"allowed; allowed: constant, step"):
+        load_params(project / "params", ["tune.space.schedule.choices=[cosine, linear]"])
+    with pytest.raises(ParamsError, match=r"space.batch_size.choices: \[24\] is not allowed; allowed: 1, 2, 4"):
+        load_params(project / "params", ["tune.space.batch_size.choices=[24]"])
+    with pytest.raises(ParamsError, match=r"space.lr: low 1.0 > high 0.1"):
+        load_params(project / "params", ["tune.space.lr.low=1.0"])
+    with pytest.raises(ParamsError, match=r"space.schedule.gammma: unknown key; allowed: enabled, choices"):
+        load_params(project / "params", ["tune.space.schedule.gammma.low=0.5"])
+    params = load_params(project / "params", ["train.backbone=resnet18", "tune.space.freeze.enabled=true",
+                                              "tune.space.freeze.until_high=9"])
+    with pytest.raises(ParamsError, match=r"tune.yaml: space.freeze.until_high: 9 is out of range for resnet18"):
+        check_space(params, project / "params")
+
+
+def test_storage_urls_are_checked_and_masked(project):
+    assert mask_url("postgresql+psycopg2://user:s3cret@db.example:5432/optuna") == \
+        "postgresql+psycopg2://user:***@db.example:5432/optuna"
+    assert mask_url("sqlite:////tmp/x/optuna.db") == "sqlite:////tmp/x/optuna.db"
+    with pytest.raises(UserError, match=r"--storage: 'redis://host' is not allowed; allowed: a SQLAlchemy"):
+        prepare_study(project, "params", [], storage="redis://host")
+    assert yaml.safe_load(yaml_scalar(1e-05)) == 1e-05 and yaml.safe_load(yaml_scalar(0.003)) == 0.003
+
+
+# ---- slow: real studies --------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_workers_on_sqlite_finish_the_budget_and_write_best_params(sweep):
+    root, overrides, summary = sweep
+    report = json.loads((root / "reports" / "tune.json").read_text())
+    assert report["storage"] == f"sqlite:///{root.resolve() / 'optuna' / 'optuna.db'}"
+    assert report["n_complete"] + report["n_pruned"] == 6 and report["n_running"] == 0
+    assert summary["worker_exit_codes"] == [0, 0]
+    study = open_study(report["storage"])
+    assert counts(study)["RUNNING"] == 0 and counts(study)["COMPLETE"] + counts(study)["PRUNED"] == 6
+    assert {t.user_attrs["worker"] for t in study.trials} == {0, 1}  # both processes ran trials
+    assert report["best_value"] == study.best_value and report["best_params"] == study.best_params
+    best = yaml.safe_load((root / "params" / "best.yaml").read_text())
+    assert best == study.best_trial.user_attrs["train"] and "lr" in best and "schedule" in best
+    params = load_params(root / "params", [*overrides, "train.use_best=true"])
+    assert params.train.lr == report["best_train"]["lr"] == study.best_params["lr"]  # lr_scaling: none
+    assert params.train.batch_size == best["batch_size"] and params.train.schedule == best["schedule"]
+    assert params.train.epochs == 2  # best.yaml holds tuned keys only
+    assert not (root / "checkpoints" / "trials").exists()  # per-trial checkpoints are deleted
+
+
+@pytest.mark.slow
+def test_injected_oom_prunes_that_trial_and_the_study_goes_on(sweep):
+    root, _, _ = sweep
+    study = open_study(f"sqlite:///{root.resolve() / 'optuna' / 'optuna.db'}")
+    oom = study.trials[1]
+    assert oom.state == TrialState.PRUNED and oom.user_attrs["pruned_reason"] == "oom"
+    assert "lr" in oom.params and not oom.intermediate_values  # the OOM hit before epoch 1 was reported
+    later = [t for t in study.trials if t.number > 1 and t.state == TrialState.COMPLETE]
+    assert len(later) >= 3
+
+
+@pytest.mark.slow
+def test_trials_share_one_frozen_feature_cache(sweep):
+    root, _, _ = sweep
+    keys = [p.name for p in (root / "cache" / "features").iterdir() if not p.name.startswith(".")]
+    assert len(keys) == 1 and keys[0].startswith("resnet18-L5-")  # head: every trial froze stages 0..4
+    study = open_study(f"sqlite:///{root.resolve() / 'optuna' / 'optuna.db'}")
+    builds = [t.user_attrs.get("feature_builds", 0) for t in study.trials]
+    assert sum(builds) == 2 and sorted(builds)[-1] == 2  # one trial built train + val (trials never need test), the rest loaded
+
+
+@pytest.mark.slow
+def test_mlflow_parent_run_with_one_child_per_trial(sweep):
+    root, _, summary = sweep
+    client = mlflow_client(root)
+    study = open_study(f"sqlite:///{root.resolve() / 'optuna' / 'optuna.db'}")
+    parent_id = study.user_attrs[PARENT_ATTR]
+    assert parent_id == summary["mlflow_parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["optuna_study"] == "freezeflow"
+    plots = {Path(a.path).name for a in client.list_artifacts(parent_id, "plots")}
+    assert plots == {"optimization_history.png", "param_importances.png", "parallel_coordinate.png"}
+    experiment = client.get_experiment_by_name("shapes")
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(children) == len(study.trials) == 6
+    states = {t.number: t.state.name for t in study.trials}
+    for child in children:
+        number = int(child.data.tags["optuna_trial"])
+        assert child.data.tags["optuna_state"] == states[number]
+        assert child.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[states[number]]
+        history = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
+        assert history == [1, 2] if states[number] == "COMPLETE" else history[:1] == [1]  # pruned: 1 or 2
+        assert {"train_loss", "val_loss", "time_per_epoch_s"} <= set(child.data.metrics)
+        assert child.data.params["train.epochs"] == "2" and "train.lr" in child.data.params
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        psycopg2.connect(host="127.0.0.1", port=5432, dbname="test", user="postgres", connect_timeout=3).close()
+    except psycopg2.Error as exc:
+        pytest.skip(f"no PostgreSQL for {mask_url(PG_URL)}: {str(exc).strip().splitlines()[0]}")
+    return PG_URL
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_two_workers_share_a_postgres_study(project, postgres_url, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = make_project(project, **{"tune.pruner": "none"})
+    name = f"freezeflow-test-{uuid.uuid4().hex[:12]}"
+    try:
+        summary = run_tune(project, "params", overrides, workers=2, storage=postgres_url, study=name, n_trials=4)
+        study = open_study(postgres_url, name)
+        assert counts(study)["COMPLETE"] == 4 and counts(study)["RUNNING"] == 0
+        assert summary["worker_exit_codes"] == [0, 0] and summary["storage"] == postgres_url
+        assert {t.user_attrs["worker"] for t in study.trials} == {0, 1}
+        assert load_params(project / "params", [*overrides, "train.use_best=true"]).train.lr == \
+            study.best_trial.user_attrs["train"]["lr"]
+    finally:
+        try:
+            optuna.delete_study(study_name=name, storage=postgres_url)
+        except KeyError:
+            pass
+
+
+def report_visible_devices(queue) -> None:
+    import os
+
+    queue.put(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def test_gpus_are_checked_and_a_worker_sees_only_its_own(monkeypatch):
+    import multiprocessing
+    import os
+
+    import torch
+
+    from freezeflow.integrations.tune import parse_gpus, visible_gpu
+
+    assert parse_gpus(None) is None and parse_gpus("") is None
+    with pytest.raises(UserError, match="--gpus: 'a,1' is not allowed; allowed: comma-separated"):
+        parse_gpus("a,1")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device is available"):
+            parse_gpus("0")
+    # pinning as start_workers does it: a worker spawned inside visible_gpu("1") sees device 1 only,
+    # and this process keeps its own setting
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    with visible_gpu("1"):
+        child = context.Process(target=report_visible_devices, args=(queue,))
+        child.start()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert queue.get(timeout=120) == "1"
+    child.join(timeout=60)
+    assert child.exitcode == 0
