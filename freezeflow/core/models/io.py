@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from freezeflow.core.models.backbones import StagedNet, build_backbone
+from freezeflow.core.models.registry import build_backbone
+from freezeflow.core.models.staged import StagedNet
 from freezeflow.core.errors import UserError
 from freezeflow.core.io import load_trusted, save_atomic, write_json_atomic
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from freezeflow.core.train import distributed
-from freezeflow.core.models.backbones import build_backbone, min_image_size, normalization
+from freezeflow.core.models.registry import build_backbone, min_image_size, normalization
 from freezeflow.core.train.engine import Trainer, TrainResult
 from freezeflow.core.io import load_trusted
 from freezeflow.core.errors import ParamsError, UserError
