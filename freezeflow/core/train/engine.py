@@ -26,7 +26,8 @@ from freezeflow.core.data.augment import augment_batch
 from freezeflow.core.models.batchnorm import adapt_or_load
 from freezeflow.core.io import load_trusted, save_atomic
 from freezeflow.core.errors import UserError
-from freezeflow.core.train.features import FeatureCache, feature_key, normalize_batch
+from freezeflow.core.data.preprocess import normalize_batch
+from freezeflow.core.train.features import FeatureCache, feature_key
 from freezeflow.core.train.freezing import (FreezePlan, apply_freeze, describe_groups, make_optimizer,
                                  set_train_mode, sync_optimizer)
 from freezeflow.core.train.guard import TrainingDiverged, chance_threshold, chance_verdict, loss_verdict
