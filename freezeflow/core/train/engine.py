@@ -336,7 +336,7 @@ class Trainer:
         return loss.item(), int((logits.argmax(1) == y).sum())
 
     @torch.no_grad()
-    def predict_split(self, name: str) -> torch.Tensor:
+    def predict_split_logits(self, name: str) -> torch.Tensor:
         """Logits (N, classes) for a split, from cached features when the prefix is frozen."""
         self.model.eval()
         level = self.frozen if self.cache is not None and self.frozen > 0 else 0
@@ -352,7 +352,7 @@ class Trainer:
 
     def validate(self) -> tuple[float, float]:
         """Every rank scores val; rank 0's result decides (best epoch, early stopping) everywhere."""
-        logits = self.predict_split("val")
+        logits = self.predict_split_logits("val")
         y = self.labels[self.split["val"]]
         result = (F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item())
         return distributed.broadcast_object(result)

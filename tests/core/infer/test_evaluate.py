@@ -16,7 +16,7 @@ from freezeflow.core.errors import UserError
 from freezeflow.core.data.images import decode_rgb
 from freezeflow.core.data.prepare import prepare_dataset
 from freezeflow.core.data.preprocess import normalize_batch, preprocess_images
-from freezeflow.core.infer.evaluate import evaluate_model, predict_split, write_eval
+from freezeflow.core.infer.evaluate import evaluate_model, predict_split_probabilities, write_eval
 from freezeflow.core.infer.predict import DEFAULT_MAX_PIXELS, predict_files
 from freezeflow.core.models.io import load_model
 from freezeflow.core.params import load_params
@@ -100,7 +100,7 @@ def test_a_file_gets_the_same_probabilities_through_evaluate_predict_and_forward
     assert torch.equal(x, normalize_batch(np.ascontiguousarray(prepared.images[rows]), info.mean, info.std))
     with torch.no_grad():
         forward = torch.softmax(model(x), dim=1).numpy()  # (n, classes)
-    evaluated = predict_split(model, info, prepared, "test")
+    evaluated = predict_split_probabilities(model, info, prepared, "test")
     np.testing.assert_allclose(evaluated, forward, rtol=0, atol=1e-6)
     predicted = predict_files(model, info, paths)  # top-3 of 3 classes: every probability, rounded to 6 places
     by_file = np.array([[dict(map(tuple, r["top"]))[c] for c in info.classes] for r in predicted])
