@@ -30,7 +30,7 @@ from freezeflow.core.layout import Layout, resolve_data_params
 from freezeflow.core.params import DataParams, Params, SplitParams
 from freezeflow.core.io import write_json_atomic
 
-PREPARE_VERSION = 1  # bump when the decode/resize code changes: old caches then miss
+PREPARE_VERSION = 1  # bump when the decode (images) or resize (preprocess) code changes: old caches then miss
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """predict: label image files with a trained model. Core only (no MLflow/Prefect).
 
-Each file is decoded and resized exactly as `prepare` does it. A file that cannot be used gives
-one `{"file", "error"}` row and never stops the others.
+Each file is decoded and resized exactly as `prepare` does it (core.data.preprocess.resize_pixels), then
+normalized as in training by `predict_images`. A file that cannot be used gives one `{"file", "error"}` row
+and never stops the others.
 """
 
 from __future__ import annotations
