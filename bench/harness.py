@@ -61,9 +61,10 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from freezeflow.core.data.augment import augment_batch
-from freezeflow.core.models.backbones import build_backbone, count_stage_flops, normalization
+from freezeflow.core.models.registry import build_backbone, normalization
+from freezeflow.core.models.staged import count_stage_flops
 from freezeflow.core.train.engine import Batches, prefetch
-from freezeflow.core.train.features import normalize_batch
+from freezeflow.core.data.preprocess import normalize_batch
 from freezeflow.core.train.freezing import FreezePlan
 from freezeflow.core.params import AugmentParams, Params, load_params
 from freezeflow.core.data.prepare import Prepared, load_prepared, prepare_dataset

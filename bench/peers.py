@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 
 from bench import harness
-from freezeflow.core.models.backbones import build_backbone, normalization
+from freezeflow.core.models.registry import build_backbone, normalization
 from freezeflow.core.errors import UserError
 from freezeflow.core.params import Params
 

@@ -16,20 +16,10 @@ from typing import Any
 
 import yaml
 
+from freezeflow.core.backbone_names import BACKBONE_NAMES  # the registry's names, torch-free
 from freezeflow.core.errors import ParamsError
 from freezeflow.core.io import write_text_atomic
 
-BACKBONES = (
-    "efficientnet_lite0",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "mobilenet_v3_small",
-    "mobilenet_v3_large",
-    "efficientnet_b0",
-    "convnext_tiny",
-)
 STRATEGIES = ("none", "head", "until", "gradual", "freezeout")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau", "exponential")
 OPTIMIZERS = ("adamw", "sgd")
@@ -104,7 +94,7 @@ class LrFindParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    backbone: str = choice("efficientnet_lite0", BACKBONES, "pretrained backbone")
+    backbone: str = choice("efficientnet_lite0", BACKBONE_NAMES, "pretrained backbone")
     weights: str = documented("default", "`default` (ImageNet), `none`, a torchvision enum name or a .pth file")
     epochs: int = bounded(10, 1, 10_000, "training epochs")
     batch_size: int = bounded(64, 1, 65_536, "images per step")

@@ -48,6 +48,7 @@ from freezeflow.core.models.io import ModelInfo, load_model
 from freezeflow.core.params import Params, flatten
 from freezeflow.integrations.plots import (history_rows, plot_confusion, plot_epoch_times, plot_learning_curves, plot_lr_find,
                               plot_lr_groups, plot_per_class)
+from freezeflow.core.data.preprocess import normalize_batch
 from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.data.prepare import open_prepared
 from freezeflow.core.layout import Layout, dataset_name
@@ -348,7 +349,8 @@ def log_reports(client: MlflowClient, run_id: str, layout: Layout, prepared: Pre
 # ---- the model -----------------------------------------------------------------------------------
 
 def example_batch(info: ModelInfo, prepared: Prepared) -> np.ndarray:
-    """Two normalized val images, float32 (2, 3, S, S): what the logged model's forward takes.
+    """Two normalized val images, float32 (2, 3, S, S): what the logged model's forward takes (callers of the
+    logged model prepare theirs with core.data.preprocess.preprocess_images).
 
     Two, not one: torch.export specializes a size-1 batch dimension to a constant, so a batch of
     one would give a model that only accepts batches of one.
@@ -356,10 +358,7 @@ def example_batch(info: ModelInfo, prepared: Prepared) -> np.ndarray:
     rows = prepared.split["val"][:2]
     if len(rows) < 2:
         rows = np.resize(rows if len(rows) else np.arange(1), 2)
-    x = np.asarray(prepared.images[rows], dtype=np.float32) / 255.0
-    mean = np.asarray(info.mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(info.std, dtype=np.float32).reshape(1, 3, 1, 1)
-    return np.ascontiguousarray((x - mean) / std)
+    return normalize_batch(np.ascontiguousarray(prepared.images[rows]), info.mean, info.std).numpy()
 
 
 def pip_requirements() -> list[str]:

@@ -177,7 +177,7 @@ def check_space(params: Params, params_dir: Path) -> None:
                           f"heartbeat_interval ({tune.heartbeat_interval})")
     freeze = tune.space.freeze
     if freeze.enabled and "until" in freeze.choices:
-        from freezeflow.core.models.backbones import build_backbone
+        from freezeflow.core.models.registry import build_backbone
 
         stages = len(build_backbone(params.train.backbone, "none").stages)  # architecture only
         if freeze.until_high > stages - 1:

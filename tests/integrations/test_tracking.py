@@ -5,15 +5,18 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import CLASSES, write_figures_dataset
+from freezeflow.core.data.images import decode_rgb
+from freezeflow.core.data.preprocess import preprocess_images
 from freezeflow.core.errors import UserError
 from freezeflow.core.models.io import load_model, predict_images
 from freezeflow.core.params import load_params
-from freezeflow.core.infer.predict import predict_files
+from freezeflow.core.infer.predict import DEFAULT_MAX_PIXELS, predict_files
 from freezeflow.integrations.tracking import (load_downloaded, load_registered, register_model, resolve_tracking_uri,
                                  tracked_training, tracking_scope)
 
@@ -100,6 +103,23 @@ def test_pytorch_flavor_loads_back_with_mlflow(project):
     local = mlflow.artifacts.download_artifacts(f"runs:/{result['run_id']}/model", tracking_uri=store_uri(root))
     exported = mlflow.pytorch.load_model(local)
     assert exported(torch.zeros(3, 3, 32, 32)).shape == (3, 3)  # batch dimension is dynamic
+
+
+def test_logged_pyfunc_model_gives_the_probabilities_predict_gives(project):
+    """The MLflow model's forward takes preprocess_images' output: softmax of its logits is what predict says."""
+    import mlflow.artifacts
+    import mlflow.pyfunc
+
+    root, _, result = project
+    model, info = load_registered(result["run_id"])
+    files = sorted((root / "data" / "shapes").rglob("*.png"))[::7]
+    local = mlflow.artifacts.download_artifacts(f"runs:/{result['run_id']}/model", tracking_uri=store_uri(root))
+    x = preprocess_images([decode_rgb(f, DEFAULT_MAX_PIXELS) for f in files], info.image_size, info.mean, info.std)
+    logits = np.asarray(mlflow.pyfunc.load_model(local).predict(x.numpy()))  # (n, classes)
+    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    rows = predict_files(model, info, files)  # top-3 of 3 classes: every probability, rounded to 6 places
+    expected = np.array([[dict(map(tuple, r["top"]))[c] for c in info.classes] for r in rows])
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-5)
 
 
 def runs_named(client: MlflowClient, name: str) -> list:

@@ -24,12 +24,13 @@ import numpy as np
 
 from freezeflow.core.data.folders import scan_image_folder
 from freezeflow.core.errors import DataError
-from freezeflow.core.data.images import read_rgb, resize_square
+from freezeflow.core.data.images import read_rgb
+from freezeflow.core.data.preprocess import resize_pixels
 from freezeflow.core.layout import Layout, resolve_data_params
 from freezeflow.core.params import DataParams, Params, SplitParams
 from freezeflow.core.io import write_json_atomic
 
-PREPARE_VERSION = 1  # bump when the decode/resize code changes: old caches then miss
+PREPARE_VERSION = 1  # bump when the decode (images) or resize (preprocess) code changes: old caches then miss
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,7 @@ def decode_all(items: list[tuple[Path, int]], params: DataParams, images: np.nda
         img, reason = read_rgb(path, params.max_pixels, params.min_side)  # one decode per file
         if img is None:
             return {"file": str(path), "reason": reason}
-        pixels = resize_square(img, params.image_size)  # (S, S, 3)
-        images[i] = pixels.transpose(2, 0, 1)
+        images[i] = resize_pixels(img, params.image_size)  # (3, S, S)
         return None
 
     workers = min(8, os.cpu_count() or 1)

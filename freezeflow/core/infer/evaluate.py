@@ -29,8 +29,8 @@ def check_compatible(info: ModelInfo, prepared: Prepared, model_dir: Path) -> No
                         f"{list(prepared.classes)}; allowed: the dataset the model was trained on")
 
 
-def predict_split(model: torch.nn.Module, info: ModelInfo, prepared: Prepared, split: str,
-                  batch_size: int = 256) -> np.ndarray:
+def predict_split_probabilities(model: torch.nn.Module, info: ModelInfo, prepared: Prepared, split: str,
+                                batch_size: int = 256) -> np.ndarray:
     """Probabilities (n, classes) for the rows of `split`, read from the memory map in chunks."""
     if split not in prepared.split:
         raise UserError(f"params/evaluate.yaml: split: {split!r} is not allowed; allowed: "
@@ -46,7 +46,7 @@ def predict_split(model: torch.nn.Module, info: ModelInfo, prepared: Prepared, s
 def evaluate_loaded(model: torch.nn.Module, info: ModelInfo, prepared: Prepared, split: str = "test",
                     batch_size: int = 256) -> dict:
     """accuracy, macro_f1, per_class, confusion_matrix, split, n for an in-memory model."""
-    probs = predict_split(model, info, prepared, split, batch_size)
+    probs = predict_split_probabilities(model, info, prepared, split, batch_size)
     y_true = prepared.labels[prepared.split[split]]
     report = summarize_predictions(y_true, probs.argmax(1), list(prepared.classes))
     return report | {"split": split, "n": int(len(y_true)), "data_hash": prepared.data_hash,

@@ -1,7 +1,8 @@
 """predict: label image files with a trained model. Core only (no MLflow/Prefect).
 
-Each file is decoded and resized exactly as `prepare` does it. A file that cannot be used gives
-one `{"file", "error"}` row and never stops the others.
+Each file is decoded and resized exactly as `prepare` does it (core.data.preprocess.resize_pixels), then
+normalized as in training by `predict_images`. A file that cannot be used gives one `{"file", "error"}` row
+and never stops the others.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 
 from freezeflow.core.data.folders import list_files
 from freezeflow.core.errors import UserError
-from freezeflow.core.data.images import decode_rgb, is_hidden, resize_square
+from freezeflow.core.data.images import decode_rgb, is_hidden
+from freezeflow.core.data.preprocess import resize_pixels
 from freezeflow.core.models.io import ModelInfo, predict_images
 
 DEFAULT_MAX_PIXELS = 40_000_000  # the default of data.max_pixels
@@ -39,7 +41,7 @@ def load_pixels(path: Path, size: int, max_pixels: int) -> np.ndarray:
     """(3, size, size) uint8 for one file; UserError (one line) when the file is unusable."""
     if not path.exists():
         raise UserError(f"cannot use image {path}: no such file")
-    return resize_square(decode_rgb(path, max_pixels), size).transpose(2, 0, 1)
+    return resize_pixels(decode_rgb(path, max_pixels), size)
 
 
 def describe_error(exc: Exception) -> str:

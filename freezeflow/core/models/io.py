@@ -1,4 +1,5 @@
-"""Saving and loading trained models: a weights-only state dict plus a small JSON description."""
+"""The model folder: saving and loading a trained model (a weights-only state dict plus model.json saying how
+to rebuild and feed it), and `predict_images`, its class probabilities for prepared uint8 images."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-from freezeflow.core.models.backbones import StagedNet, build_backbone
+from freezeflow.core.data.preprocess import normalize_batch
+from freezeflow.core.models.registry import build_backbone
+from freezeflow.core.models.staged import StagedNet
 from freezeflow.core.errors import UserError
 from freezeflow.core.io import load_trusted, save_atomic, write_json_atomic
 
@@ -49,12 +52,10 @@ def load_model(folder: Path) -> tuple[StagedNet, ModelInfo]:
 
 @torch.no_grad()
 def predict_images(model: StagedNet, info: ModelInfo, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """uint8 (N, 3, S, S) -> probabilities (N, classes)."""
+    """uint8 (N, 3, S, S) -> probabilities (N, classes), normalized by core.data.preprocess like training."""
     device = next(model.parameters()).device
-    mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
     out = []
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device).float().div_(255.0)
-        out.append(torch.softmax(model((x - mean) / std), dim=1).cpu())
+        x = normalize_batch(images[start:start + batch_size].to(device), info.mean, info.std)
+        out.append(torch.softmax(model(x), dim=1).cpu())
     return torch.cat(out) if out else torch.empty(0, len(info.classes))

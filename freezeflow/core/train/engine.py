@@ -26,7 +26,8 @@ from freezeflow.core.data.augment import augment_batch
 from freezeflow.core.models.batchnorm import adapt_or_load
 from freezeflow.core.io import load_trusted, save_atomic
 from freezeflow.core.errors import UserError
-from freezeflow.core.train.features import FeatureCache, feature_key, normalize_batch
+from freezeflow.core.data.preprocess import normalize_batch
+from freezeflow.core.train.features import FeatureCache, feature_key
 from freezeflow.core.train.freezing import (FreezePlan, apply_freeze, describe_groups, make_optimizer,
                                  set_train_mode, sync_optimizer)
 from freezeflow.core.train.guard import TrainingDiverged, chance_threshold, chance_verdict, loss_verdict
@@ -335,7 +336,7 @@ class Trainer:
         return loss.item(), int((logits.argmax(1) == y).sum())
 
     @torch.no_grad()
-    def predict_split(self, name: str) -> torch.Tensor:
+    def predict_split_logits(self, name: str) -> torch.Tensor:
         """Logits (N, classes) for a split, from cached features when the prefix is frozen."""
         self.model.eval()
         level = self.frozen if self.cache is not None and self.frozen > 0 else 0
@@ -351,7 +352,7 @@ class Trainer:
 
     def validate(self) -> tuple[float, float]:
         """Every rank scores val; rank 0's result decides (best epoch, early stopping) everywhere."""
-        logits = self.predict_split("val")
+        logits = self.predict_split_logits("val")
         y = self.labels[self.split["val"]]
         result = (F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item())
         return distributed.broadcast_object(result)

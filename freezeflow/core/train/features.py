@@ -70,11 +70,6 @@ def make_inference_prefix(stages: list[torch.nn.Module], example: torch.Tensor) 
     return fast
 
 
-def normalize_batch(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, S, S) -> float (B, 3, S, S) normalized as the backbone's weights expect."""
-    return (x.float().div_(255.0) - mean) / std
-
-
 def feature_key(data_key: str, backbone: str, weights: str, level: int, augment: AugmentParams | None,
                 views: int, seed: int, bn_adapt: bool = False) -> str:
     """Everything that changes a pretrained prefix's output. A local weights file adds its stat;

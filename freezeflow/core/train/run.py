@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from freezeflow.core.train import distributed
-from freezeflow.core.models.backbones import build_backbone, min_image_size, normalization
+from freezeflow.core.models.registry import build_backbone, min_image_size, normalization
 from freezeflow.core.train.engine import Trainer, TrainResult
 from freezeflow.core.io import load_trusted
 from freezeflow.core.errors import ParamsError, UserError
@@ -116,7 +116,7 @@ def run_training(params: Params, root: Path = Path("."), resume: bool = False, c
         trainer.load_checkpoint(layout.checkpoint)
     result = trainer.run()
     trainer.restore_best()
-    test_logits = trainer.predict_split("test")
+    test_logits = trainer.predict_split_logits("test")
     y_test = prepared.labels[prepared.split["test"]]
     test = summarize_predictions(y_test, test_logits.argmax(1).numpy(), prepared.classes)
     metrics = summarize_run(result, test["accuracy"], params, prepared) | {"processes": world.size}

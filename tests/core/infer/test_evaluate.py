@@ -9,14 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import CLASSES, write_figures_dataset
 from freezeflow.core.errors import UserError
-from freezeflow.core.infer.evaluate import evaluate_model, write_eval
+from freezeflow.core.data.images import decode_rgb
+from freezeflow.core.data.prepare import prepare_dataset
+from freezeflow.core.data.preprocess import normalize_batch, preprocess_images
+from freezeflow.core.infer.evaluate import evaluate_model, predict_split_probabilities, write_eval
+from freezeflow.core.infer.predict import DEFAULT_MAX_PIXELS, predict_files
 from freezeflow.core.models.io import load_model
 from freezeflow.core.params import load_params
-from freezeflow.core.infer.predict import predict_files
-from freezeflow.core.data.prepare import prepare_dataset
 from freezeflow.core.train.run import run_training
 
 PARAMS = Path(__file__).resolve().parents[3] / "params"
@@ -83,3 +86,23 @@ def test_predict_files_expands_folders_and_skips_hidden_files(trained, tmp_path)
     assert [Path(r["file"]).name for r in rows] == ["a.png", "missing.png"]
     assert rows[0]["label"] in CLASSES
     assert "no such file" in rows[1]["error"]
+
+
+def test_a_file_gets_the_same_probabilities_through_evaluate_predict_and_forward(trained):
+    """One preprocessing path: the test split's files, fed through evaluate (prepared uint8 rows), predict
+    (the files decoded again) and the model's own forward (preprocess_images), give the same probabilities."""
+    root, _, prepared = trained
+    model, info = load_model(root / "models")
+    rows = prepared.split["test"]
+    manifest = json.loads((prepared.root / "manifest.json").read_text())
+    paths = [Path(manifest["dir"]) / manifest["files"][i] for i in rows]
+    x = preprocess_images([decode_rgb(p, DEFAULT_MAX_PIXELS) for p in paths], info.image_size, info.mean, info.std)
+    assert torch.equal(x, normalize_batch(np.ascontiguousarray(prepared.images[rows]), info.mean, info.std))
+    with torch.no_grad():
+        forward = torch.softmax(model(x), dim=1).numpy()  # (n, classes)
+    evaluated = predict_split_probabilities(model, info, prepared, "test")
+    np.testing.assert_allclose(evaluated, forward, rtol=0, atol=1e-6)
+    predicted = predict_files(model, info, paths)  # top-3 of 3 classes: every probability, rounded to 6 places
+    by_file = np.array([[dict(map(tuple, r["top"]))[c] for c in info.classes] for r in predicted])
+    np.testing.assert_allclose(by_file, evaluated, rtol=0, atol=1e-6)
+    assert [r["label"] for r in predicted] == [info.classes[i] for i in evaluated.argmax(1)]

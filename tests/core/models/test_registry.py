@@ -1,7 +1,10 @@
-"""Backbones: pretrained weights classify correctly, stages chain to the full forward, weight errors are one line."""
+"""Backbone registry: pretrained weights classify correctly, stages chain to the full forward, weight errors are
+one line, and the registry's table agrees with the names params accepts."""
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
 import sys
 
 import numpy as np
@@ -11,15 +14,12 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from freezeflow.core.models.backbones import (
-    BACKBONES,
-    StagedNet,
-    build_backbone,
-    count_stage_flops,
-    min_image_size,
-    normalization,
-)
+from freezeflow.core.backbone_names import BACKBONE_NAMES
 from freezeflow.core.errors import UserError
+from freezeflow.core.models.registry import (BACKBONES, BackboneSpec, build_backbone, get_backbone, min_image_size,
+                                             normalization)
+from freezeflow.core.models.staged import StagedNet, count_stage_flops
+from freezeflow.core.params import TrainParams
 
 TORCHVISION_BACKBONES = [name for name in BACKBONES if name != "efficientnet_lite0"]
 TABBY_TO_SIAMESE = range(281, 286)  # ImageNet cat classes (tabby, tiger cat, persian, siamese, egyptian)
@@ -181,3 +181,22 @@ def test_normalization_and_min_size():
     mean, std = normalization("efficientnet_lite0")
     assert mean == pytest.approx((0.5,) * 3, abs=0.01) and std == pytest.approx((0.5,) * 3, abs=0.01)
     assert all(min_image_size(name) == 32 for name in BACKBONES)
+
+
+def test_registry_is_the_one_list_of_backbones():
+    assert tuple(BACKBONES) == BACKBONE_NAMES
+    assert all(isinstance(spec, BackboneSpec) and spec.name == name for name, spec in BACKBONES.items())
+    choices = next(f for f in dataclasses.fields(TrainParams) if f.name == "backbone").metadata["choices"]
+    assert tuple(choices) == tuple(BACKBONES)  # params validates against the registry's names
+    assert get_backbone("resnet18").mean == normalization("resnet18")[0]
+    with pytest.raises(UserError) as info:
+        get_backbone("vgg16")
+    assert "\n" not in str(info.value) and "resnet18" in str(info.value)
+
+
+def test_backbone_names_import_without_torch():
+    code = ("import sys; sys.modules['torch'] = None; import freezeflow.core.params as p; "
+            "print(p.TrainParams().backbone)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "efficientnet_lite0"

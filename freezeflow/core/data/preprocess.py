@@ -1,0 +1,50 @@
+"""Preprocessing: the one path from decoded pixels to what a model's forward takes, shared by training
+(prepare stores the resized arrays; the feature cache and the training loop normalize them), evaluation,
+predict and the MLflow-logged model (whose forward takes normalized float images).
+
+    decoded RGB image  --resize_pixels-->   uint8 (3, S, S)           shorter side to S, center crop
+    uint8 (N, 3, S, S) --normalize_batch--> float32 (N, 3, S, S)      (x / 255 - mean) / std
+    decoded images     --preprocess_images--> float32 (N, 3, S, S)    both
+mean and std are the backbone's (core.models.registry.normalization, saved in model.json).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from freezeflow.core.data.images import resize_square
+
+Rgb = Sequence[float] | torch.Tensor
+
+
+def resize_pixels(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """One decoded RGB image (PIL, or uint8 (H, W, 3)) -> uint8 (3, size, size), channel-first like prepare's."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"resize_pixels needs a uint8 (H, W, 3) array, got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    return resize_square(image, size).transpose(2, 0, 1)
+
+
+def normalize_batch(images: torch.Tensor | np.ndarray, mean: Rgb, std: Rgb) -> torch.Tensor:
+    """uint8 (N, 3, S, S) -> float32 (N, 3, S, S) on the images' device, normalized as the weights expect.
+
+    mean/std: 3 numbers, or tensors already shaped (1, 3, 1, 1) on that device (the training loop's).
+    """
+    x = torch.as_tensor(images)  # numpy: shares memory, nothing is copied yet
+    if x.dtype != torch.uint8:  # the in-place divide below must never touch a caller's float tensor
+        raise TypeError(f"normalize_batch needs uint8 images, got {x.dtype}")
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return (x.float().div_(255.0) - mean) / std
+
+
+def preprocess_images(images: Sequence[Image.Image | np.ndarray], size: int, mean: Rgb, std: Rgb) -> torch.Tensor:
+    """Decoded RGB images -> float32 (N, 3, size, size): what a model's forward (and the logged MLflow model) takes."""
+    if not images:
+        return torch.empty(0, 3, size, size)
+    return normalize_batch(np.stack([resize_pixels(image, size) for image in images]), mean, std)
