@@ -108,6 +108,9 @@ class TrainParams:
                      "`frozen` (running statistics kept, affine params still learn)")
     bn_adapt: bool = documented(False, "re-estimate BatchNorm statistics on the training images once before "
                                        "training (AdaBN); the feature cache stays valid")
+    bn_momentum: float = bounded(0.1, 0.0, 1.0, "momentum of the BatchNorm running statistics (PyTorch's default); "
+                                 "EfficientNet-Lite0 ships 0.01, whose statistics lag behind fine-tuned weights",
+                                 lo_open=True)
     guard_epochs: int = bounded(2, 0, None, "divergence guard: report val accuracy at chance after this many "
                                 "epochs (0 = off; NaN/inf loss always stops)")
     lr_find: LrFindParams = field(default_factory=LrFindParams)

@@ -56,6 +56,19 @@ def adapt_batchnorm(stages: list[nn.Module], batches: Iterable[torch.Tensor]) ->
     return len(layers)
 
 
+def set_bn_momentum(stages: list[nn.Module], momentum: float) -> int:
+    """Set every BatchNorm layer's running-statistics momentum; returns the number of layers.
+
+    Only trainable stages in train mode ever use it (frozen stages run in eval). TF-ported weights
+    (EfficientNet-Lite0) ship 0.01: with a few hundred fine-tuning steps their running statistics
+    still mostly describe the pretrained weights, so eval-mode accuracy lags train accuracy by up to
+    20 points (bench/README.md, "BatchNorm momentum")."""
+    layers = batchnorm_layers(stages)
+    for layer in layers:
+        layer.momentum = momentum
+    return len(layers)
+
+
 def batchnorm_state(stages: list[nn.Module]) -> dict[str, torch.Tensor]:
     """The running statistics of `stages` by position: what an adapted cache file holds."""
     state = {}

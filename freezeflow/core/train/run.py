@@ -25,6 +25,7 @@ from freezeflow.core.errors import ParamsError, UserError
 from freezeflow.core.train.freezing import FreezePlan
 from freezeflow.core.train.lr_finder import LrFindResult, find_lr
 from freezeflow.core.metrics import summarize_predictions
+from freezeflow.core.models.batchnorm import set_bn_momentum
 from freezeflow.core.models.io import ModelInfo, save_model
 from freezeflow.core.params import Params, dump_params, load_params
 from freezeflow.core.data.prepare import Prepared, open_prepared
@@ -58,6 +59,7 @@ def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks:
     check_image_size(params)
     torch.manual_seed(params.train.seed)  # the new head's init
     model = build_backbone(params.train.backbone, params.train.weights, num_classes=len(prepared.classes))
+    set_bn_momentum(list(model.stages), params.train.bn_momentum)
     plan = FreezePlan.from_params(params.train, len(model.stages))
     return Trainer(model, prepared.images, prepared.labels, prepared.split, params.train, plan,
                    normalization(params.train.backbone), prepared.key, layout.checkpoint if checkpoint else None,

@@ -94,3 +94,30 @@ def test_bn_adapt_is_part_of_the_feature_key():
     args = ("data", "efficientnet_lite0", "default", 3, AugmentParams(), 0, 0)
     assert feature_key(*args, bn_adapt=False) != feature_key(*args, bn_adapt=True)
     assert feature_key(*args) == feature_key(*args, bn_adapt=False)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.03])
+def test_bn_momentum_reaches_every_batchnorm_layer(tmp_path, photo_folder, momentum):
+    """train.bn_momentum replaces the pretrained weights' own (0.01 for EfficientNet-Lite0), and a training
+    step then moves the running statistics of a trainable stage by exactly that fraction."""
+    trainer = trainer_for(tmp_path, photo_folder("textures", 10),
+                          **{"train.bn_momentum": momentum, "train.freeze.strategy": "none"})
+    layers = batchnorm_layers(trainer.model.stages)
+    assert layers and {layer.momentum for layer in layers} == {momentum}
+    layer = layers[-1]
+    seen = {}
+
+    def record_before(module, args):  # returns None: a pre-hook's return value would replace the input
+        if "before" not in seen:
+            seen["before"] = (module.running_mean.clone(), args[0].detach().float().mean((0, 2, 3)))
+
+    def record_after(module, args, out):
+        seen.setdefault("after", module.running_mean.clone())
+
+    pre, post = layer.register_forward_pre_hook(record_before), layer.register_forward_hook(record_after)
+    trainer.train_epoch()
+    pre.remove()
+    post.remove()
+    before, batch_mean = seen["before"]
+    # the first training batch: running = (1 - m) * running + m * batch mean (PyTorch's update rule)
+    assert torch.allclose(seen["after"], (1 - momentum) * before + momentum * batch_mean, atol=1e-4)
