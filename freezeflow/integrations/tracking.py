@@ -52,6 +52,7 @@ from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.data.prepare import open_prepared
 from freezeflow.core.layout import Layout, dataset_name
 from freezeflow.core.train.run import run_training
+from freezeflow.integrations.secrets import mask_text, mask_url
 
 logger = logging.getLogger(__name__)
 
@@ -486,7 +487,7 @@ def register_model(run_id: str, name: str, alias: str | None = None, tracking_ur
             model_id = client.get_run(run_id).data.tags.get("model_id")
             version = mlflow.register_model(f"models:/{model_id}" if model_id else source, name)
         except MlflowException as exc:
-            raise UserError(f"{source}: cannot register in {uri} ({first_line(exc)}); allowed: the id of a "
+            raise UserError(f"{source}: cannot register in {mask_url(uri)} ({first_line(exc)}); allowed: the id of a "
                             "finished run logged by tracked_training") from None
     if alias is not None:
         client.set_registered_model_alias(name, alias, version.version)
@@ -494,8 +495,9 @@ def register_model(run_id: str, name: str, alias: str | None = None, tracking_ur
 
 
 def first_line(exc: BaseException) -> str:
+    """The exception's first line for a one-line message, any URL password in it masked."""
     text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    return mask_text(text.splitlines()[0])[:200] if text else type(exc).__name__
 
 
 def model_uri_of(uri: str) -> str | None:
@@ -520,7 +522,7 @@ def load_registered(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mlflow_uri, dst_path=tmp,
                                                                  tracking_uri=store))
         except MlflowException as exc:
-            raise UserError(f"{uri}: not found in the MLflow store {store} ({first_line(exc)}); allowed: "
+            raise UserError(f"{uri}: not found in the MLflow store {mask_url(store)} ({first_line(exc)}); allowed: "
                             "models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID/model, a run id or a "
                             "folder with model.json") from None
         return load_downloaded(local, str(uri))

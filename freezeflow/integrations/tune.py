@@ -51,6 +51,7 @@ from freezeflow.core.errors import ParamsError, UserError
 from freezeflow.core.params import Params, SearchSpace, TrainParams, load_params, set_nested
 from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.io import write_json_atomic, write_text_atomic
+from freezeflow.integrations.secrets import mask_url
 from freezeflow.integrations.tracking import (MlflowCallback, ensure_experiment, first_line, log_params,
                                  log_totals, resolve_artifact_location, resolve_tracking_uri, start_tags,
                                  tag_quietly)
@@ -191,16 +192,6 @@ def default_storage(root: Path) -> str:
     folder = Path(root).resolve() / "optuna"
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'optuna.db'}"
-
-
-def mask_url(url: str) -> str:
-    """The storage URL with its password replaced by ***: safe for reports and logs."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: show only the scheme
-        return url.split("://", 1)[0] + "://***"
 
 
 def check_storage_url(url: str, source: str) -> str:

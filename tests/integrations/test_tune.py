@@ -18,7 +18,8 @@ from optuna.trial import FixedTrial, TrialState
 
 from freezeflow.core.errors import ParamsError, UserError
 from freezeflow.core.params import load_params
-from freezeflow.integrations.tune import (OOM_ENV, PARENT_ATTR, batch_choices, check_space, mask_url, prepare_study, run_tune,
+from freezeflow.integrations.secrets import mask_url
+from freezeflow.integrations.tune import (OOM_ENV, PARENT_ATTR, batch_choices, check_space, prepare_study, run_tune,
                              suggest_train, yaml_scalar)
 from tests.conftest import REPO, tiny_overrides, write_shapes_dataset
 
