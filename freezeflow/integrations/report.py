@@ -114,7 +114,8 @@ def latest_finished_run(client: MlflowClient, uri: str) -> str:
             found = client.search_runs(experiment_ids, where, max_results=1, order_by=["attributes.start_time DESC"])
             if found:
                 return found[0].info.run_id
-    raise UserError(f"no FINISHED run in the MLflow store {mask_url(uri)}; train first (`freezeflow train`) or name run ids")
+    raise UserError(f"no FINISHED run in the MLflow store {mask_url(uri)}; train first (`freezeflow train`) "
+                    "or name run ids")
 
 
 def load_run(client: MlflowClient, run_id: str, uri: str) -> RunData:

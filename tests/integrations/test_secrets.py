@@ -10,7 +10,8 @@ from freezeflow.integrations.secrets import mask_text, mask_url
 
 @pytest.mark.parametrize("url, masked", [
     ("postgresql+psycopg2://u:pw@h/db", "postgresql+psycopg2://u:***@h/db"),
-    ("postgresql+psycopg2://user:s3cret@db.example:5432/optuna", "postgresql+psycopg2://user:***@db.example:5432/optuna"),
+    ("postgresql+psycopg2://user:s3cret@db.example:5432/optuna",
+     "postgresql+psycopg2://user:***@db.example:5432/optuna"),
     ("http://u:pw@h", "http://u:***@h"),
     ("https://u:pw@h:5000/path?x=1", "https://u:***@h:5000/path?x=1"),
     ("mysql://:pw@h/db", "mysql://:***@h/db"),  # a password without a user
