@@ -13,13 +13,10 @@ from tasks.data import check_data_task
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def champion_task(root: str, name: str) -> dict | None:
     """The registered champion of dataset `name` (version, run, val metric, data hash), if any."""
-    import mlflow
-
     from freezeflow.integrations.registry import champion_info
     from freezeflow.integrations.tracking import resolve_tracking_uri
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(Path(root)))
-    return champion_info(name)
+    return champion_info(name, resolve_tracking_uri(Path(root)))
 
 
 def should_retrain(data_hash: str | None, champion: dict | None, force: bool) -> tuple[bool, str]:

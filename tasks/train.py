@@ -36,11 +36,7 @@ def evaluate_task(root: str, params_dir: str, overrides: list[str]) -> dict:
 def register_task(root: str, run_id: str, name: str, val_accuracy: float, margin: float = 0.0,
                   force: bool = False) -> dict:
     """Register the run's model; promote it to `champion` only if it beats the champion by `margin`."""
-    import mlflow
-
     from freezeflow.integrations.registry import promote_or_keep
     from freezeflow.integrations.tracking import resolve_tracking_uri
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(Path(root)))
-
-    return promote_or_keep(run_id, name, val_accuracy, margin, force)
+    return promote_or_keep(run_id, name, val_accuracy, margin, force, resolve_tracking_uri(Path(root)))

@@ -108,7 +108,7 @@ def evaluate_step(params: Params, root: Path, model_uri: str | None = None) -> d
 
     prepared = prepare_step(params, root)
     if model_uri:
-        from freezeflow.integrations.tracking import load_registered
+        from freezeflow.integrations.registry import load_registered
 
         model, info = load_registered(model_uri)
         report = evaluate_model((model, info), prepared, params.evaluate.split, params.evaluate.batch_size)
@@ -123,7 +123,7 @@ def predict_step(root: Path, paths: list[Path], model_uri: str | None = None) ->
     from freezeflow.core.infer.predict import predict_files
 
     if model_uri:
-        from freezeflow.integrations.tracking import load_registered
+        from freezeflow.integrations.registry import load_registered
 
         model, info = load_registered(model_uri)
     else:

@@ -19,7 +19,6 @@ import html
 import io
 import math
 import os
-import re
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from freezeflow.core.errors import UserError
+from freezeflow.integrations.secrets import mask_url
 from freezeflow.integrations.tracking import RUN_ID, current_uri, first_line
 from freezeflow.core.io import write_text_atomic
 
@@ -114,17 +114,18 @@ def latest_finished_run(client: MlflowClient, uri: str) -> str:
             found = client.search_runs(experiment_ids, where, max_results=1, order_by=["attributes.start_time DESC"])
             if found:
                 return found[0].info.run_id
-    raise UserError(f"no FINISHED run in the MLflow store {uri}; train first (`freezeflow train`) or name run ids")
+    raise UserError(f"no FINISHED run in the MLflow store {mask_url(uri)}; train first (`freezeflow train`) "
+                    "or name run ids")
 
 
 def load_run(client: MlflowClient, run_id: str, uri: str) -> RunData:
     if not RUN_ID.match(run_id):
-        raise UserError(f"{run_id!r}: not a run id; allowed: the 32-hex-digit id of a run in {uri}")
+        raise UserError(f"{run_id!r}: not a run id; allowed: the 32-hex-digit id of a run in {mask_url(uri)}")
     try:
         run = client.get_run(run_id)
         experiment = client.get_experiment(run.info.experiment_id).name
     except MlflowException as exc:
-        raise UserError(f"run {run_id}: not found in the MLflow store {uri} ({first_line(exc)})") from None
+        raise UserError(f"run {run_id}: not found in the MLflow store {mask_url(uri)} ({first_line(exc)})") from None
     data = RunData(run, experiment)
     for key in CURVE_KEYS:
         if key in run.data.metrics:
@@ -391,11 +392,6 @@ def logged_plots_section(runs: list[RunData]) -> str:
     return "".join(parts)
 
 
-def redact(uri: str) -> str:
-    """The store URI without a password (postgresql://user:secret@host/db -> user:***@host)."""
-    return re.sub(r"^([a-z0-9+.-]+://[^/:@]*):[^/]*@", r"\1:***@", uri, flags=re.IGNORECASE)
-
-
 def render_page(runs: list[RunData], uri: str) -> str:
     title = (f"freezeflow run {runs[0].label}" if len(runs) == 1
              else f"freezeflow: {len(runs)} runs compared")
@@ -405,7 +401,7 @@ def render_page(runs: list[RunData], uri: str) -> str:
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
-        f"<h1>{esc(title)}</h1><p class=\"muted\">MLflow store: {esc(redact(uri))} &middot; written {esc(made)}</p>"
+        f"<h1>{esc(title)}</h1><p class=\"muted\">MLflow store: {esc(mask_url(uri))} &middot; written {esc(made)}</p>"
         f"<h2>Runs</h2><div class=\"runs\">{cards}</div>"
         f"{params_section(runs)}{metrics_section(runs)}{curves_section(runs)}{logged_plots_section(runs)}"
         "</body></html>\n"

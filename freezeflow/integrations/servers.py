@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from freezeflow.core.errors import UserError
+from freezeflow.integrations.secrets import mask_text, mask_url
 
 LOCALHOST = "127.0.0.1"
 MLFLOW_PORT = 5000
@@ -74,20 +75,13 @@ def split_db_url(url: str, option: str) -> tuple[str, str, int, str, str | None,
     try:
         port = parts.port or 5432
     except ValueError:
-        raise UserError(f"{option} {mask_password(url)}: the port is not a number") from None
+        raise UserError(f"{option} {mask_url(url)}: the port is not a number") from None
     database = unquote(parts.path.lstrip("/"))
     if not parts.hostname or not database:
-        raise UserError(f"{option} {mask_password(url)}: needs a host and a database name, e.g. "
+        raise UserError(f"{option} {mask_url(url)}: needs a host and a database name, e.g. "
                         "postgresql+psycopg2://mlflow@db.example:5432/mlflow")
     return (parts.scheme, parts.hostname, port, database, unquote(parts.username) if parts.username else None,
             unquote(parts.password) if parts.password else None)
-
-
-def mask_password(url: str) -> str:
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    return url.replace(f":{parts.password}@", ":***@", 1)
 
 
 def check_postgres(url: str, option: str) -> None:
@@ -106,8 +100,8 @@ def check_postgres(url: str, option: str) -> None:
         psycopg2.connect(host=host, port=port, dbname=database, user=user, password=password,
                          connect_timeout=5).close()
     except psycopg2.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{option} {mask_password(url)}: PostgreSQL at {host}:{port} refused: {first} "
+        first = mask_text(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{option} {mask_url(url)}: PostgreSQL at {host}:{port} refused: {first} "
                         f"(create the database with `createdb -h {host} -p {port} {database}`?)") from None
 
 
@@ -130,7 +124,7 @@ def check_backend_store_uri(uri: str) -> str:
         return uri
     if scheme == "sqlite" and uri.startswith("sqlite:///"):
         return check_sqlite_url(uri, "sqlite:///", option)
-    raise UserError(f"{option} {mask_password(uri)}: not allowed; allowed: {MLFLOW_STORES}")
+    raise UserError(f"{option} {mask_url(uri)}: not allowed; allowed: {MLFLOW_STORES}")
 
 
 def check_artifacts(dest: str) -> str:
@@ -170,7 +164,7 @@ def check_prefect_database(url: str) -> str:
     if scheme == "sqlite+aiosqlite" and url.startswith("sqlite+aiosqlite:///"):
         return check_sqlite_url(url, "sqlite+aiosqlite:///", option)
     hint = " (Prefect needs the async driver: postgresql+asyncpg://)" if scheme.startswith("postgresql") else ""
-    raise UserError(f"{option} {mask_password(url)}: not allowed{hint}; allowed: {PREFECT_DATABASES}")
+    raise UserError(f"{option} {mask_url(url)}: not allowed{hint}; allowed: {PREFECT_DATABASES}")
 
 
 def make_folders(*locations: str) -> None:

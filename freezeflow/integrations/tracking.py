@@ -1,14 +1,13 @@
-"""tracking: the MLflow adapter. The only module of freezeflow that imports mlflow.
+"""tracking: the MLflow adapter for runs (registry.py holds the model registry).
 
 `tracked_training` wraps `freezeflow.core.train.run.run_training` in an MLflow run: every resolved param,
 per-epoch metrics (step = epoch), lineage tags (data hash, git commit, Prefect flow run, device,
 library versions), totals, reports, plots and the model (MLflow pytorch flavor in the safe `pt2`
-format, plus `model.json` and weights-only `weights/model.pt` next to it). `register_model` and
-`load_registered` move models through the registry; loading never unpickles anything that could
-run code.
+format, plus `model.json` and weights-only `weights/model.pt` next to it: what registry.py registers
+and loads back).
 
 Where: `MLFLOW_TRACKING_URI` when set, else `sqlite:///<root>/mlflow/mlflow.db` with artifacts
-in `<root>/mlflow/artifacts`. `register_model`/`load_registered` read `tracking_uri` if given,
+in `<root>/mlflow/artifacts`. Readers of an existing store (`current_uri`) take `tracking_uri` if given,
 else that env var, else a URI set with mlflow.set_tracking_uri, else the default store under the
 current folder. Nothing happens at import time; mlflow's global URI is set only for the duration
 of a call (`configure_tracking` sets it for good, for the CLI and flows). One process should not
@@ -23,7 +22,6 @@ import logging
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,13 +51,13 @@ from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.data.prepare import open_prepared
 from freezeflow.core.layout import Layout, dataset_name
 from freezeflow.core.train.run import run_training
+from freezeflow.integrations.secrets import mask_text
 
 logger = logging.getLogger(__name__)
 
 ENV_URI = "MLFLOW_TRACKING_URI"
 MODEL_NAME = "model"  # artifact name of the logged model: runs:/<run_id>/model
 WEIGHTS_DIR = "weights"  # weights-only state dict inside the logged model: weights/model.pt
-ALIASES = ("champion", "challenger")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 BATCH_LIMIT = 100  # MLflow accepts at most 100 params per log_batch call
 
@@ -471,65 +469,7 @@ def tag_quietly(client: MlflowClient, run_id: str, key: str, value: str) -> None
         logger.debug("could not set tag %s on run %s", key, run_id, exc_info=True)
 
 
-# ---- registry ------------------------------------------------------------------------------------
-
-def register_model(run_id: str, name: str, alias: str | None = None, tracking_uri: str | None = None) -> int:
-    """Register runs:/<run_id>/model as a new version of `name`; point `alias` at it. Returns the version."""
-    if alias is not None and alias not in ALIASES:
-        raise UserError(f"--alias: {alias!r} is not allowed; allowed: {', '.join(ALIASES)}")
-    uri = current_uri(tracking_uri)
-    client = MlflowClient(uri)
-    source = f"runs:/{run_id}/{MODEL_NAME}"
-    with tracking_scope(uri):
-        try:
-            model_id = client.get_run(run_id).data.tags.get("model_id")
-            version = mlflow.register_model(f"models:/{model_id}" if model_id else source, name)
-        except MlflowException as exc:
-            raise UserError(f"{source}: cannot register in {uri} ({first_line(exc)}); allowed: the id of a "
-                            "finished run logged by tracked_training") from None
-    if alias is not None:
-        client.set_registered_model_alias(name, alias, version.version)
-    return int(version.version)
-
-
 def first_line(exc: BaseException) -> str:
+    """The exception's first line for a one-line message, any URL password in it masked."""
     text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-def model_uri_of(uri: str) -> str | None:
-    """MLflow URI for `uri`, or None when it names a local folder."""
-    if uri.startswith(("models:/", "runs:/")):
-        return uri
-    if RUN_ID.match(uri) and not Path(uri).exists():
-        return f"runs:/{uri}/{MODEL_NAME}"
-    return None
-
-
-def load_registered(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, ModelInfo]:
-    """Model + info from `models:/NAME@alias`, `models:/NAME/<version>`, `runs:/ID/model`, a bare run
-    id, or a local folder holding model.json. Weights are read weights-only (no code can run)."""
-    mlflow_uri = model_uri_of(str(uri))
-    if mlflow_uri is None:
-        return load_model(Path(uri))
-    store = current_uri(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="freezeflow-model-") as tmp:
-        try:
-            with tracking_scope(store):
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mlflow_uri, dst_path=tmp,
-                                                                 tracking_uri=store))
-        except MlflowException as exc:
-            raise UserError(f"{uri}: not found in the MLflow store {store} ({first_line(exc)}); allowed: "
-                            "models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID/model, a run id or a "
-                            "folder with model.json") from None
-        return load_downloaded(local, str(uri))
-
-
-def load_downloaded(local: Path, uri: str) -> tuple[torch.nn.Module, ModelInfo]:
-    """Rebuild from the downloaded model.json + weights/model.pt via modelio.load_model."""
-    weights = local / WEIGHTS_DIR
-    if not (local / "model.json").exists() or not (weights / "model.pt").exists():
-        raise UserError(f"{uri}: no model.json and weights/model.pt in this MLflow model; allowed: models "
-                        "logged by freezeflow's tracked_training")
-    shutil.copy(local / "model.json", weights / "model.json")
-    return load_model(weights)
+    return mask_text(text.splitlines()[0])[:200] if text else type(exc).__name__

@@ -19,9 +19,6 @@ data once, create or load the study, run K worker processes on this machine and 
     MLflow   one parent run per study (its id in the study user attr mlflow_parent_run_id), one
              child run per trial (tag mlflow.parentRunId, per-epoch metrics, tag optuna_state);
              explicit run ids only, never the fluent active-run stack. Plots go to the parent.
-
-Test hook: FREEZEFLOW_TEST_OOM_TRIAL=<n> makes trial number n raise torch.cuda.OutOfMemoryError
-at the end of its first epoch (how the tests exercise the OOM path on a CPU-only machine).
 """
 
 from __future__ import annotations
@@ -51,6 +48,7 @@ from freezeflow.core.errors import ParamsError, UserError
 from freezeflow.core.params import Params, SearchSpace, TrainParams, load_params, set_nested
 from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.io import write_json_atomic, write_text_atomic
+from freezeflow.integrations.secrets import mask_url
 from freezeflow.integrations.tracking import (MlflowCallback, ensure_experiment, first_line, log_params,
                                  log_totals, resolve_artifact_location, resolve_tracking_uri, start_tags,
                                  tag_quietly)
@@ -60,7 +58,6 @@ from freezeflow.core.layout import Layout, dataset_name, resolve_data_params
 
 PARENT_ATTR = "mlflow_parent_run_id"
 FINDER_ATTR = "lr_finder"  # study user attr: {"suggestion": lr, ...}, set once by the first prepare_study
-OOM_ENV = "FREEZEFLOW_TEST_OOM_TRIAL"
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 POLL_S = 1.0
@@ -191,16 +188,6 @@ def default_storage(root: Path) -> str:
     folder = Path(root).resolve() / "optuna"
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'optuna.db'}"
-
-
-def mask_url(url: str) -> str:
-    """The storage URL with its password replaced by ***: safe for reports and logs."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: show only the scheme
-        return url.split("://", 1)[0] + "://***"
 
 
 def check_storage_url(url: str, source: str) -> str:
@@ -365,18 +352,6 @@ class ReportToTrial:
         raise optuna.TrialPruned(message)
 
 
-class InjectOom:
-    """Test hook (FREEZEFLOW_TEST_OOM_TRIAL=<trial number>): CUDA out of memory after epoch 1."""
-
-    def on_epoch_end(self, report) -> None:
-        if report.epoch == 1:
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected by {OOM_ENV})")
-
-
-def fault_hooks(number: int) -> list:
-    return [InjectOom()] if os.environ.get(OOM_ENV, "").strip() == str(number) else []
-
-
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
@@ -467,8 +442,7 @@ class TrialRunner:
 
     def train(self, trial: optuna.Trial, params: Params, run_id: str) -> float:
         trial_dir = self.root / "checkpoints" / "trials" / self.settings.study_name / str(trial.number)
-        callbacks = [MlflowCallback(run_id, client=self.client), *fault_hooks(trial.number),
-                     ReportToTrial(trial, self.params.tune.pruner)]
+        callbacks = [MlflowCallback(run_id, client=self.client), ReportToTrial(trial, self.params.tune.pruner)]
         trainer, oom = None, False
         try:
             trainer = build_trainer(params, self.prepared, TrialLayout(self.root, trial_dir), callbacks)

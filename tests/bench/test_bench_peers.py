@@ -1,6 +1,7 @@
 """bench peers: the --tiny run of fastai and Lightning beside freezeflow writes one row per contender.
 
-Needs the optional group `bench` (fastai, lightning); skipped with the reason where it is not installed.
+The tests of the report need the optional group `bench` (fastai, lightning) and are skipped with the
+reason where it is not installed; the others run everywhere (bench.peers imports without the peers).
 No timing assertions: only the shape of the report.
 """
 
@@ -10,10 +11,10 @@ import json
 
 import pytest
 
-pytest.importorskip("fastai", reason="peers suite needs fastai: pip install -e '.[bench]'")
-pytest.importorskip("lightning", reason="peers suite needs lightning: pip install -e '.[bench]'")
+from bench import harness, peers
 
-from bench import harness, peers  # noqa: E402
+MISSING = peers.check_ready(None)  # None, or "needs fastai and lightning: pip install ..."
+needs_peers = pytest.mark.skipif(MISSING is not None, reason=f"peers suite {MISSING}")
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,7 @@ def report(tmp_path_factory) -> dict:
     return json.loads(path.read_text())
 
 
+@needs_peers
 def test_every_contender_has_one_row_with_times_and_accuracies(report):
     names = [c["name"] for c in report["contenders"]]
     expected = list(peers.FREEZEFLOW) + list(peers.PEERS)
@@ -37,6 +39,7 @@ def test_every_contender_has_one_row_with_times_and_accuracies(report):
         assert row["epochs_run"] == (2 if row["contender"] == "fastai-fine-tune" else 1)
 
 
+@needs_peers
 def test_every_pair_has_a_comparison_and_a_boolean_target(report):
     pairs = [(c["peer"], c["freezeflow"]) for c in report["comparisons"]]
     assert pairs == list(peers.PAIRS)
@@ -52,3 +55,10 @@ def test_every_pair_has_a_comparison_and_a_boolean_target(report):
 def test_check_ready_names_the_missing_group(monkeypatch):
     monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)
     assert peers.check_ready(None) == "needs fastai and lightning: pip install -e '.[bench]'"
+
+
+def test_check_ready_names_only_what_is_missing(monkeypatch):
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None if name == "lightning" else object())
+    assert peers.check_ready(None) == "needs lightning: pip install -e '.[bench]'"
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: object())
+    assert peers.check_ready(None) is None

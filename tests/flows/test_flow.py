@@ -43,6 +43,7 @@ def test_dvc_repro_reruns_only_stages_that_read_a_changed_param(dvc_project):
 
 @pytest.mark.slow
 def test_prefect_flow_runs_and_skips_prepare_for_unchanged_data(dvc_project, prefect_harness, monkeypatch):
+    from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -56,13 +57,21 @@ def test_prefect_flow_runs_and_skips_prepare_for_unchanged_data(dvc_project, pre
     states = []
     # results of this test only: another test's flow on the same data must not pre-fill the cache
     with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: root.parent / "prefect-results"}):
-        for _ in range(2):
-            state = training_pipeline(root=str(root), return_state=True)
+        for margin in (0.0, 1.0):  # the second run cannot beat the champion by 1.0: it stays challenger
+            state = training_pipeline(root=str(root), promote_margin=margin, return_state=True)
             assert state.is_completed(), state
             states.append(state)
-    result = states[-1].result()
-    assert result["registry"]["alias"] in ("champion", "challenger")
-    assert result["metrics"]["run_id"]
+    first, second = (state.result() for state in states)
+    assert first["registry"]["alias"] == "champion" and first["registry"]["reason"] == "no champion yet"
+    assert second["registry"]["alias"] == "challenger"
+    assert "does not beat champion" in second["registry"]["reason"]
+    assert second["registry"]["reason"].endswith("by more than 1.0")
+    assert second["metrics"]["run_id"] != first["metrics"]["run_id"]
+    registry = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert str(registry.get_model_version_by_alias("shapes", "champion").version) == first["registry"]["version"]
+    challenger = registry.get_model_version_by_alias("shapes", "challenger")
+    assert str(challenger.version) == second["registry"]["version"]
+    assert challenger.tags["decision"] == second["registry"]["reason"]
     with get_client(sync_client=True) as client:
         prepare_states = []
         for state in states:

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import CLASSES, write_figures_dataset
-from freezeflow.core.data.images import decode_rgb
-from freezeflow.core.data.preprocess import preprocess_images
-from freezeflow.core.errors import UserError
-from freezeflow.core.models.io import load_model, predict_images
-from freezeflow.core.params import load_params
-from freezeflow.core.infer.predict import DEFAULT_MAX_PIXELS, predict_files
-from freezeflow.integrations.tracking import (load_downloaded, load_registered, register_model, resolve_tracking_uri,
-                                 tracked_training, tracking_scope)
+from freezeflow.integrations.tracking import resolve_tracking_uri, tracked_training
+from tests.integrations.conftest import store, store_uri
 
-PARAMS = Path(__file__).resolve().parents[2] / "params"
 class Raise:
     """A callback that raises `exc` at the end of epoch 1."""
 
@@ -31,33 +21,8 @@ class Raise:
         raise self.exc
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A project root with data, params and a sqlite store; one tracked 2-epoch training."""
-    root = tmp_path_factory.mktemp("tracking")
-    data = write_figures_dataset(root / "data" / "shapes")
-    shutil.copytree(PARAMS, root / "params")
-    params = load_params(root / "params", [f"data.dir={data}", "data.image_size=32", "train.backbone=resnet18",
-                                           "train.weights=none", "train.epochs=2", "train.batch_size=8"])
-    (root / "store").mkdir()
-    # mlflow's own helpers (runs:/ listing) read its global URI, which another test may have set
-    with pytest.MonkeyPatch.context() as mp, tracking_scope(store_uri(root)):
-        mp.setenv("MLFLOW_TRACKING_URI", store_uri(root))
-        result = tracked_training(params, root, run_name="first", extra_tags={"purpose": "test"})
-        yield root, params, result
-
-
-def store_uri(root: Path) -> str:
-    return f"sqlite:///{root / 'store' / 'mlflow.db'}"
-
-
-def store(root: Path) -> MlflowClient:
-    """A client on the test's store, explicitly: another test may have set mlflow's global URI."""
-    return MlflowClient(store_uri(root))
-
-
-def test_tracked_run_logs_params_epochs_and_artifacts(project):
-    root, params, result = project
+def test_tracked_run_logs_params_epochs_and_artifacts(tracked_project):
+    root, params, result = tracked_project
     client = store(root)
     experiment = client.get_experiment_by_name("shapes")
     runs = client.search_runs([experiment.experiment_id], "tags.mlflow.runName = 'first'")
@@ -79,47 +44,14 @@ def test_tracked_run_logs_params_epochs_and_artifacts(project):
     assert {"model/MLmodel", "model/model.json", "model/weights"} <= model_files
 
 
-def test_registered_champion_loads_and_predicts_class_names(project):
-    root, _, result = project
-    version = register_model(result["run_id"], "shapes", alias="champion")
-    client = store(root)
-    assert int(client.get_model_version_by_alias("shapes", "champion").version) == version
-    model, info = load_registered("models:/shapes@champion")
-    assert info.classes == list(CLASSES) and info.image_size == 32
-    local, _ = load_model(root / "models")
-    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    assert torch.allclose(predict_images(model, info, x), predict_images(local, info, x), atol=1e-6)
-    rows = predict_files(model, info, [root / "data" / "shapes"])
-    assert len(rows) == 3 * 12 and {r["label"] for r in rows} <= set(CLASSES)
-    same, _ = load_registered(result["run_id"])  # a bare run id means runs:/<id>/model
-    assert torch.equal(same.stages[-1][-1].weight, model.stages[-1][-1].weight)
-
-
-def test_pytorch_flavor_loads_back_with_mlflow(project):
+def test_pytorch_flavor_loads_back_with_mlflow(tracked_project):
     import mlflow.artifacts
     import mlflow.pytorch
 
-    root, _, result = project
+    root, _, result = tracked_project
     local = mlflow.artifacts.download_artifacts(f"runs:/{result['run_id']}/model", tracking_uri=store_uri(root))
     exported = mlflow.pytorch.load_model(local)
     assert exported(torch.zeros(3, 3, 32, 32)).shape == (3, 3)  # batch dimension is dynamic
-
-
-def test_logged_pyfunc_model_gives_the_probabilities_predict_gives(project):
-    """The MLflow model's forward takes preprocess_images' output: softmax of its logits is what predict says."""
-    import mlflow.artifacts
-    import mlflow.pyfunc
-
-    root, _, result = project
-    model, info = load_registered(result["run_id"])
-    files = sorted((root / "data" / "shapes").rglob("*.png"))[::7]
-    local = mlflow.artifacts.download_artifacts(f"runs:/{result['run_id']}/model", tracking_uri=store_uri(root))
-    x = preprocess_images([decode_rgb(f, DEFAULT_MAX_PIXELS) for f in files], info.image_size, info.mean, info.std)
-    logits = np.asarray(mlflow.pyfunc.load_model(local).predict(x.numpy()))  # (n, classes)
-    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-    rows = predict_files(model, info, files)  # top-3 of 3 classes: every probability, rounded to 6 places
-    expected = np.array([[dict(map(tuple, r["top"]))[c] for c in info.classes] for r in rows])
-    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-5)
 
 
 def runs_named(client: MlflowClient, name: str) -> list:
@@ -131,8 +63,8 @@ def steps(client: MlflowClient, run, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
 
 
-def test_failing_training_ends_the_run_failed(project):
-    root, params, _ = project
+def test_failing_training_ends_the_run_failed(tracked_project):
+    root, params, _ = tracked_project
     with pytest.raises(RuntimeError, match="boom"):
         tracked_training(params, root, run_name="broken", callbacks=[Raise(RuntimeError("boom"))])
     [run] = runs_named(store(root), "broken")
@@ -140,8 +72,8 @@ def test_failing_training_ends_the_run_failed(project):
     assert run.data.tags["error"] == "RuntimeError: boom"
 
 
-def test_interrupted_run_is_killed_and_resume_logs_every_epoch(project):
-    root, params, _ = project
+def test_interrupted_run_is_killed_and_resume_logs_every_epoch(tracked_project):
+    root, params, _ = tracked_project
     with pytest.raises(KeyboardInterrupt):
         tracked_training(params, root, run_name="interrupted", callbacks=[Raise(KeyboardInterrupt())])
     [killed] = runs_named(store(root), "interrupted")
@@ -156,22 +88,3 @@ def test_default_store_is_a_sqlite_file_under_the_project(tmp_path, monkeypatch)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow' / 'mlflow.db'}"
     assert (tmp_path / "mlflow").is_dir()
-
-
-def test_weights_that_would_run_code_are_refused(tmp_path, project):
-    root, _, _ = project
-
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
-    (tmp_path / "weights").mkdir()
-    shutil.copy(root / "models" / "model.json", tmp_path / "model.json")
-    torch.save({"x": Evil()}, tmp_path / "weights" / "model.pt")
-    with pytest.raises(UserError, match="refused"):
-        load_downloaded(tmp_path, "models:/evil@champion")
-
-
-def test_unknown_alias_is_a_user_error(project):
-    with pytest.raises(UserError, match="models:/shapes@challenger"):
-        load_registered("models:/shapes@challenger")

@@ -1,6 +1,7 @@
 """Optuna sweeps for real: tiny studies on PNG files in tmp_path, worker processes sharing a sqlite
-file or a PostgreSQL database, a worker killed with SIGKILL, an injected CUDA OOM, the shared
-frozen-feature cache and the MLflow parent/child runs. No Optuna, MLflow or filesystem mocks."""
+file or a PostgreSQL database, a CUDA OOM in one trial, the median and hyperband pruners stopping a
+bad trial, the shared frozen-feature cache and the MLflow parent/child runs. No Optuna, MLflow or
+filesystem mocks (the OOM is our own trainer's epoch, monkeypatched in an in-process worker)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import FixedTrial, TrialState
 
 from freezeflow.core.errors import ParamsError, UserError
 from freezeflow.core.params import load_params
-from freezeflow.integrations.tune import (OOM_ENV, PARENT_ATTR, batch_choices, check_space, mask_url, prepare_study, run_tune,
-                             suggest_train, yaml_scalar)
+from freezeflow.integrations.secrets import mask_url
+from freezeflow.integrations import tune
+from freezeflow.integrations.tune import (PARENT_ATTR, batch_choices, check_space, prepare_study, run_tune,
+                                          suggest_train, yaml_scalar)
 from tests.conftest import REPO, tiny_overrides, write_shapes_dataset
 
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -54,12 +58,11 @@ def mlflow_client(root: Path) -> MlflowClient:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """One 6-trial study, 2 worker processes, default sqlite storage, trial 1 hit by a CUDA OOM."""
+    """One 6-trial study, 2 worker processes, default sqlite storage."""
     root = tmp_path_factory.mktemp("sweep")
     overrides = make_project(root)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.setenv(OOM_ENV, "1")  # inherited by the spawned workers
         started = time.perf_counter()
         summary = run_tune(root, "params", overrides, workers=2, n_trials=6)
         summary["seconds"] = time.perf_counter() - started
@@ -140,15 +143,69 @@ def test_two_workers_on_sqlite_finish_the_budget_and_write_best_params(sweep):
     assert not (root / "checkpoints" / "trials").exists()  # per-trial checkpoints are deleted
 
 
+def raise_oom() -> None:
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
 @pytest.mark.slow
-def test_injected_oom_prunes_that_trial_and_the_study_goes_on(sweep):
-    root, _, _ = sweep
-    study = open_study(f"sqlite:///{root.resolve() / 'optuna' / 'optuna.db'}")
+def test_cuda_oom_prunes_that_trial_and_the_study_goes_on(project, monkeypatch):
+    """Trial 1's first epoch runs out of CUDA memory; the study prunes it (reason oom) and goes on.
+    One worker runs in this process (run_workers), so the monkeypatched trainer is the one used."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = make_project(project, **{"tune.pruner": "none"})
+    build_trainer = tune.build_trainer
+
+    def build_trainer_oom_in_trial_1(params, prepared, layout, callbacks, **kwargs):
+        trainer = build_trainer(params, prepared, layout, callbacks, **kwargs)
+        if layout.trial_dir.name == "1":  # TrialLayout: checkpoints/trials/<study>/<trial number>
+            trainer.train_epoch = raise_oom
+        return trainer
+
+    monkeypatch.setattr(tune, "build_trainer", build_trainer_oom_in_trial_1)
+    summary = run_tune(project, "params", overrides, workers=1, n_trials=3)
+    assert summary["worker_exit_codes"] == [0]  # in-process: nothing was spawned
+    study = open_study(f"sqlite:///{project.resolve() / 'optuna' / 'optuna.db'}")
     oom = study.trials[1]
     assert oom.state == TrialState.PRUNED and oom.user_attrs["pruned_reason"] == "oom"
     assert "lr" in oom.params and not oom.intermediate_values  # the OOM hit before epoch 1 was reported
-    later = [t for t in study.trials if t.number > 1 and t.state == TrialState.COMPLETE]
-    assert len(later) >= 3
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    assert summary["n_complete"] == 2 and summary["n_pruned"] == 1 and summary["n_failed"] == 0
+    child = mlflow_client(project).get_run(oom.user_attrs["mlflow_run_id"])
+    assert child.info.status == "KILLED" and child.data.tags["pruned_reason"] == "oom"
+
+
+def tune_enqueued(root: Path, overrides: list[str], lrs: list[float], name: str) -> optuna.Study:
+    """A study whose trials take `lrs` in order (lr is the only dimension), run by one worker here."""
+    settings = prepare_study(root, "params", overrides, workers=1, study=name, n_trials=len(lrs))
+    study = open_study(settings.storage, name)
+    for lr in lrs:
+        study.enqueue_trial({"lr": lr})
+    run_tune(root, "params", overrides, workers=1, study=name, n_trials=len(lrs))
+    return open_study(settings.storage, name)
+
+
+# lr only; a lr of 1e-6 leaves the head where it started: obviously worse after epoch 1 than 0.01
+PRUNER_RUN = {"tune.space.batch_size.enabled": "false", "tune.space.schedule.enabled": "false",
+              "tune.space.lr.low": "1.0e-6", "train.batch_size": 4, "train.freeze.strategy": "head"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pruner, n_good", [
+    ("median", 5),     # MedianPruner: the first 5 trials (n_startup_trials) are never pruned
+    ("hyperband", 2),  # tune.epochs=2: one successive-halving bracket, its rung at epoch 1
+])
+def test_pruner_stops_a_trial_with_a_bad_lr(project, monkeypatch, pruner, n_good):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = make_project(project, **PRUNER_RUN, **{"tune.pruner": pruner})
+    study = tune_enqueued(project, overrides, [0.01] * n_good + [1e-6], f"prune-{pruner}")
+    *good, bad = study.trials
+    assert [t.state for t in good] == [TrialState.COMPLETE] * n_good
+    assert [t.params["lr"] for t in study.trials] == [0.01] * n_good + [1e-6]
+    assert bad.state == TrialState.PRUNED and bad.user_attrs["pruned_reason"] == pruner
+    assert list(bad.intermediate_values) == [1]  # stopped after its first epoch of two
+    assert bad.intermediate_values[1] < min(t.intermediate_values[1] for t in good)
+    child = mlflow_client(project).get_run(bad.user_attrs["mlflow_run_id"])
+    assert child.info.status == "KILLED" and child.data.tags["pruned_reason"] == pruner
 
 
 @pytest.mark.slow
