@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line (at most `limit` characters), or its type's name when it has no text:
+    what a one-line message quotes of a library's error."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip()[:limit] if text else type(exc).__name__
+
+
 class UserError(Exception):
     """A mistake in the user's input (file, param, environment): exit code 2, no traceback."""
 

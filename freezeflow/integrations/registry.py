@@ -27,8 +27,8 @@ from mlflow.tracking import MlflowClient
 
 from freezeflow.core.errors import UserError
 from freezeflow.core.models.io import ModelInfo, load_model
-from freezeflow.integrations.secrets import mask_url
-from freezeflow.integrations.tracking import MODEL_NAME, RUN_ID, WEIGHTS_DIR, current_uri, first_line, tracking_scope
+from freezeflow.integrations.secrets import first_line_masked, mask_url
+from freezeflow.integrations.tracking import MODEL_NAME, RUN_ID, WEIGHTS_DIR, current_uri, tracking_scope
 
 ALIASES = ("champion", "challenger")
 
@@ -91,7 +91,7 @@ def register_model(run_id: str, name: str, alias: str | None = None, tracking_ur
             model_id = client.get_run(run_id).data.tags.get("model_id")
             version = mlflow.register_model(f"models:/{model_id}" if model_id else source, name)
         except MlflowException as exc:
-            raise UserError(f"{source}: cannot register in {mask_url(uri)} ({first_line(exc)}); allowed: the id "
+            raise UserError(f"{source}: cannot register in {mask_url(uri)} ({first_line_masked(exc)}); allowed: the id "
                             "of a finished run logged by tracked_training") from None
     if alias is not None:
         client.set_registered_model_alias(name, alias, version.version)
@@ -122,7 +122,7 @@ def load_registered(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mlflow_uri, dst_path=tmp,
                                                                  tracking_uri=store))
         except MlflowException as exc:
-            raise UserError(f"{uri}: not found in the MLflow store {mask_url(store)} ({first_line(exc)}); "
+            raise UserError(f"{uri}: not found in the MLflow store {mask_url(store)} ({first_line_masked(exc)}); "
                             "allowed: models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID/model, a run id or a "
                             "folder with model.json") from None
         return load_downloaded(local, str(uri))

@@ -31,8 +31,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from freezeflow.core.errors import UserError
-from freezeflow.integrations.secrets import mask_url
-from freezeflow.integrations.tracking import RUN_ID, current_uri, first_line
+from freezeflow.integrations.secrets import first_line_masked, mask_url
+from freezeflow.integrations.tracking import RUN_ID, current_uri
 from freezeflow.core.io import write_text_atomic
 
 DEFAULT_OUT = Path("reports") / "report.html"
@@ -125,7 +125,7 @@ def load_run(client: MlflowClient, run_id: str, uri: str) -> RunData:
         run = client.get_run(run_id)
         experiment = client.get_experiment(run.info.experiment_id).name
     except MlflowException as exc:
-        raise UserError(f"run {run_id}: not found in the MLflow store {mask_url(uri)} ({first_line(exc)})") from None
+        raise UserError(f"run {run_id}: not found in the MLflow store {mask_url(uri)} ({first_line_masked(exc)})") from None
     data = RunData(run, experiment)
     for key in CURVE_KEYS:
         if key in run.data.metrics:

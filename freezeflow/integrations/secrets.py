@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from freezeflow.core.errors import first_line
+
 MASK = "***"
 # scheme://netloc: the netloc ends at the path, the query, the fragment or whitespace (in a message)
 URL = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<netloc>[^\s/?#]*)(?P<rest>[^\s]*)")
@@ -44,3 +46,8 @@ def mask_url(url: str) -> str:
 def mask_text(text: str) -> str:
     """`text` with the password of every URL in it replaced by ***."""
     return URL.sub(mask_match, text)
+
+
+def first_line_masked(exc: BaseException) -> str:
+    """core.errors.first_line with any URL password in it masked: what adapters quote of a driver's error."""
+    return mask_text(first_line(exc))

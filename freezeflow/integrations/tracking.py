@@ -51,7 +51,7 @@ from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.data.prepare import open_prepared
 from freezeflow.core.layout import Layout, dataset_name
 from freezeflow.core.train.run import run_training
-from freezeflow.integrations.secrets import mask_text
+from freezeflow.integrations.secrets import first_line_masked, mask_text
 
 logger = logging.getLogger(__name__)
 
@@ -436,7 +436,7 @@ def tracked_training(params: Params, root: Path = Path("."), resume: bool = Fals
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise
         except BaseException as exc:
-            tag_quietly(client, run_id, "error", f"{type(exc).__name__}: {first_line(exc)}")
+            tag_quietly(client, run_id, "error", f"{type(exc).__name__}: {first_line_masked(exc)}")
             mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
             raise
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
@@ -468,8 +468,3 @@ def tag_quietly(client: MlflowClient, run_id: str, key: str, value: str) -> None
     except Exception:  # noqa: BLE001
         logger.debug("could not set tag %s on run %s", key, run_id, exc_info=True)
 
-
-def first_line(exc: BaseException) -> str:
-    """The exception's first line for a one-line message, any URL password in it masked."""
-    text = str(exc).strip()
-    return mask_text(text.splitlines()[0])[:200] if text else type(exc).__name__

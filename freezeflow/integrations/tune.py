@@ -48,8 +48,8 @@ from freezeflow.core.errors import ParamsError, UserError
 from freezeflow.core.params import Params, SearchSpace, TrainParams, load_params, set_nested
 from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.io import write_json_atomic, write_text_atomic
-from freezeflow.integrations.secrets import mask_url
-from freezeflow.integrations.tracking import (MlflowCallback, ensure_experiment, first_line, log_params,
+from freezeflow.integrations.secrets import first_line_masked, mask_url
+from freezeflow.integrations.tracking import (MlflowCallback, ensure_experiment, log_params,
                                  log_totals, resolve_artifact_location, resolve_tracking_uri, start_tags,
                                  tag_quietly)
 from freezeflow.core.train.run import build_trainer
@@ -211,7 +211,7 @@ def open_storage(url: str, tune: Any, stale_callback: Any = None) -> optuna.stor
                                               grace_period=tune.grace_period,
                                               heartbeat_stale_trial_callback=stale_callback)
         except Exception as exc:  # noqa: BLE001 - driver errors vary; all mean "cannot use this storage"
-            raise UserError(f"Optuna storage {mask_url(url)}: cannot connect ({first_line(exc)}); allowed: a "
+            raise UserError(f"Optuna storage {mask_url(url)}: cannot connect ({first_line_masked(exc)}); allowed: a "
                             "reachable database URL (check host, port, user and database)") from None
 
 
@@ -321,7 +321,7 @@ def log_study_plots(client: MlflowClient, run_id: str, study: optuna.Study) -> l
             try:
                 axes = plot(study)
             except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-                notes.append(f"{name} skipped: {first_line(exc)}")
+                notes.append(f"{name} skipped: {first_line_masked(exc)}")
                 continue
             figure = getattr(axes, "figure", None) or axes.flat[0].figure
             path = Path(tmp) / f"{name}.png"
@@ -418,7 +418,7 @@ class TrialRunner:
             params = self.trial_params(values)
             run_id = start_child_run(self.client, self.settings, trial, params, self.worker)
         except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {first_line(exc)}")
+            trial.set_user_attr("error", f"{type(exc).__name__}: {first_line_masked(exc)}")
             raise
         trial.set_user_attr("mlflow_run_id", run_id)
         state, reason = "FAIL", None
@@ -430,7 +430,7 @@ class TrialRunner:
             state, reason = "PRUNED", trial.user_attrs.get("pruned_reason")
             raise
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {first_line(exc)}"
+            reason = f"{type(exc).__name__}: {first_line_masked(exc)}"
             trial.set_user_attr("error", reason)
             raise
         finally:

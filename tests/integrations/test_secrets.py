@@ -66,9 +66,9 @@ def test_servers_errors_show_the_url_masked():
 
 
 def test_tune_and_tracking_messages_show_the_url_masked():
-    from freezeflow.integrations.tracking import first_line
+    from freezeflow.integrations.secrets import first_line_masked
     from freezeflow.integrations.tune import check_storage_url
 
     with pytest.raises(UserError, match=r"--storage: 'redis://u:\*\*\*@h/0' is not allowed"):
         check_storage_url("redis://u:pw@h/0", "--storage")
-    assert first_line(RuntimeError("cannot open http://u:pw@h:5000\nsecond line")) == "cannot open http://u:***@h:5000"
+    assert first_line_masked(RuntimeError("cannot open http://u:pw@h:5000\nsecond line")) == "cannot open http://u:***@h:5000"

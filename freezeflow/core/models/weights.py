@@ -22,7 +22,7 @@ import torch
 import torchvision
 from torch import nn
 
-from freezeflow.core.errors import UserError
+from freezeflow.core.errors import UserError, first_line
 from freezeflow.core.models import efficientnet_lite
 from freezeflow.core.models.staged import StagedNet
 
@@ -156,11 +156,6 @@ def read_state_file(path: Path) -> State:
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0].strip()
 
 
 def load_staged_state(model: StagedNet, state: State, source: str, num_classes: int | None) -> None:
