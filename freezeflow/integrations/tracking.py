@@ -51,7 +51,7 @@ from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.data.prepare import open_prepared
 from freezeflow.core.layout import Layout, dataset_name
 from freezeflow.core.train.run import run_training
-from freezeflow.integrations.secrets import first_line_masked, mask_text
+from freezeflow.integrations.secrets import first_line_masked
 
 logger = logging.getLogger(__name__)
 
