@@ -8,23 +8,33 @@ import pickle
 import pytest
 import torch
 
+import freezeflow.core.io
 from freezeflow.core.io import load_trusted, save_atomic
 from freezeflow.core.errors import UserError
 
 
-class Boom:
-    """Pickles fine until halfway through the file: simulates a crash while a checkpoint is written."""
+def fail_with(message: str, folder, seen: list):
+    """An os function that fails as a full disk does (ENOSPC), noting the folder's files at that moment."""
+    def fail(*args, **kwargs):
+        seen.extend(sorted(p.name for p in folder.iterdir()))
+        raise OSError(28, message)
+    return fail
 
-    def __reduce__(self):
-        raise OSError("disk full (injected)")
 
-
-def test_crash_while_saving_keeps_previous_checkpoint(tmp_path):
+@pytest.mark.parametrize("step", ["fsync", "replace"])
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, step):
+    """The write fails after the temp file holds the new bytes (at fsync), or at the rename itself."""
     path = tmp_path / "last.pt"
     save_atomic({"epoch": 1, "w": torch.ones(1000)}, path)
-    with pytest.raises(Exception):
-        save_atomic({"epoch": 2, "w": torch.zeros(1000), "boom": Boom()}, path)
+    seen: list[str] = []
+    monkeypatch.setattr(freezeflow.core.io.os, step, fail_with(f"disk full at {step} (injected)", tmp_path, seen))
+    with pytest.raises(OSError, match=rf"disk full at {step} \(injected\)") as caught:
+        save_atomic({"epoch": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert len(seen) == 2 and seen[0].startswith(".last.pt.") and seen[0].endswith(".tmp")  # it failed mid-write
+    assert caught.value.filename == str(path)  # the error names the file it could not write
     assert load_trusted(path)["epoch"] == 1
+    assert torch.equal(load_trusted(path)["w"], torch.ones(1000))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
 
 

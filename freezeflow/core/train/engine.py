@@ -435,6 +435,9 @@ class Trainer:
             "plateau": self.plateau.state_dict(),
             "epoch": self.epoch, "step": self.step, "frozen": self.frozen, "lr": self.params.lr,
             "trained_from": self.cache.trained_from if self.cache else None,
+            # the level in memory: a trained prefix's next level grows from it (fp16), so a resume must too
+            "feature_level": [self.cache.current[0], sorted(self.cache.current[1])]
+            if self.cache and self.cache.current else None,
             "history": [asdict(r) for r in self.history],
             "best": self.best,
             "rng": {"torch": torch.get_rng_state(),
@@ -464,6 +467,8 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         if self.cache is not None and state["trained_from"] is not None:
             self.cache.mark_trained(state["trained_from"])
+        if self.cache is not None and state.get("feature_level"):  # read back from disk, as it was
+            self.cache.level(state["feature_level"][0], tuple(state["feature_level"][1]))
         self.history = [EpochReport(**r) for r in state["history"]]
         self.best = state["best"]
         torch.set_rng_state(state["rng"]["torch"])

@@ -84,16 +84,41 @@ def test_until_out_of_range_names_key_and_allowed_values():
 
 
 class Inspector:
-    """Records, after every epoch, what the freezing module promised."""
+    """Records, after every epoch, what the freezing module promised, and during it which stages the
+    training forwards ran and in which mode (forward hooks on each stage).
+
+    A training forward is a chain of stage calls, each fed the previous one's output, that ends in the
+    head with autograd on: validation (no_grad) and the feature cache's passes (no head) are not.
+    """
 
     def __init__(self, trainer):
         self.trainer = trainer
         self.rows: list[dict] = []
         self.bn_start = {name: buf.clone() for name, buf in trainer.model.named_buffers()}
         self.backward_stages: set[int] = set()
+        self.chain: list[tuple[int, frozenset]] = []  # (stage, {module.training}) of the forward under way
+        self.last_output = None  # kept alive, so a tensor with its data pointer is this output (or a view)
+        self.forwards: list[tuple[int, list]] = []  # (frozen count then, chain) of this epoch's training forwards
+        head = len(trainer.model.stages) - 1
         for i, stage in enumerate(trainer.model.stages):
             stage.register_full_backward_hook(lambda m, gi, go, i=i: self.backward_stages.add(i))
+            stage.register_forward_pre_hook(lambda m, args, i=i: self.enter_stage(i, m, args[0]))
+            stage.register_forward_hook(lambda m, args, out, i=i: self.leave_stage(i, out, i == head))
         self.backward_stages.clear()
+
+    def enter_stage(self, i: int, module, x) -> None:
+        fed = self.last_output is not None and x.data_ptr() == self.last_output.data_ptr() \
+            and x.shape == self.last_output.shape  # not `is`: the backward hook re-wraps each output
+        if not self.chain or not fed:
+            self.chain = []  # a new forward starts here (at stage 0, or at the cached level)
+        self.chain.append((i, frozenset(m.training for m in module.modules())))
+
+    def leave_stage(self, i: int, output, is_head: bool) -> None:
+        self.last_output = output
+        if is_head:
+            if torch.is_grad_enabled():
+                self.forwards.append((self.trainer.frozen, self.chain))
+            self.chain, self.last_output = [], None
 
     def on_epoch_end(self, report) -> None:
         t = self.trainer
@@ -107,10 +132,24 @@ class Inspector:
             "lrs": {g["stage"]: g["lr"] for g in t.optimizer.param_groups},
             "bn_unchanged": all(torch.equal(buf, self.bn_start[f"stages.{i}.{n}"])
                                 for i in range(frozen) for n, buf in stages[i].named_buffers()),
-            "frozen_in_eval": all(not m.training for s in stages[:frozen] for m in s.modules()),
+            "forwards": self.forwards,
             "report_frozen": report.frozen_stages,
             "buffers": {name: buf.clone() for name, buf in t.model.named_buffers()},
         })
+        self.forwards = []
+
+
+def check_training_forwards(forwards: list) -> None:
+    """Every training forward ran a contiguous run of stages up to the head; frozen stages that ran
+    were in eval mode (every submodule), trainable ones in train mode."""
+    assert forwards, "no training forward was seen"
+    for frozen, chain in forwards:
+        ran = [i for i, _ in chain]
+        assert ran == list(range(ran[0], N)), f"stages ran out of order: {ran}"
+        assert ran[0] <= frozen, f"trainable stage {ran[0] - 1} did not run"
+        for i, modes in chain:
+            expected = {False} if i < frozen else {True}
+            assert modes == expected, f"stage {i} ran with training={set(modes)} while {frozen} stages were frozen"
 
 
 def make_trainer(project: Path, shapes_dir: Path, **extra):
@@ -135,8 +174,12 @@ def test_strategy_state_every_epoch(project, shapes_dir, strategy, frozen, cache
         assert row["requires_grad"] == [i >= k for i in range(N)]
         assert all(row["no_grad_attr"])
         assert row["groups"] == list(reversed(range(k, N)))  # head first, then downwards, no duplicates
-        assert row["bn_unchanged"] and row["frozen_in_eval"]
+        check_training_forwards(row["forwards"])
+        assert row["bn_unchanged"]
         assert row["report_frozen"] == k
+        starts = {chain[0][0] for _, chain in row["forwards"]}  # the first stage each forward ran
+        cached = cache == "auto" and strategy != "none"  # none: nothing frozen, nothing to cache
+        assert starts == ({k} if cached else {0}), "with the cache the frozen prefix must not run, without it all must"
     lrs = seen.rows[-1]["lrs"]  # the documented rule (defaults: body_lr_factor 0.1, lr_decay 0.5)
     decay = trainer.params.freeze.lr_decay if strategy == "gradual" else trainer.params.lr_decay
     assert lrs == {i: pytest.approx(0.01 * rule(i, trainer.params.body_lr_factor, decay)) for i in range(frozen[-1], N)}
@@ -150,9 +193,12 @@ def test_freezeout_stages_leave_the_optimizer(project, shapes_dir):
     trainer.run()
     frozen = [r["frozen"] for r in seen.rows]
     assert frozen == sorted(frozen) and frozen[-1] == N - 1 and frozen[0] < frozen[-1]
+    for row in seen.rows:
+        check_training_forwards(row["forwards"])  # frozen changes mid-epoch: checked per forward
     for prev, row in zip(seen.rows, seen.rows[1:]):
         assert row["groups"] == list(reversed(range(row["frozen"], N)))
-        assert row["frozen_in_eval"]
+        starts = {chain[0][0] for _, chain in row["forwards"]}
+        assert len(starts) == 1 and starts.pop() >= prev["frozen"]  # from the cache, at the epoch's level
         # a stage trains before it freezes; from then on its BatchNorm statistics stay as they were
         for name, buf in row["buffers"].items():
             if int(name.split(".")[1]) < prev["frozen"]:

@@ -1,0 +1,136 @@
+"""Frozen-feature cache: rebuilt exactly when what it depends on changes, equal to a live forward pass,
+and training from it matches training without it (cache_features auto vs off)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import freezeflow.core.train.features
+from freezeflow.core.data.prepare import prepare_dataset
+from freezeflow.core.io import load_trusted
+from freezeflow.core.layout import Layout
+from freezeflow.core.models.backbones import build_backbone, normalization
+from freezeflow.core.params import load_params
+from freezeflow.core.train.run import run_training
+from tests.conftest import tiny_overrides
+
+
+def write_weights(path: Path, seed: int) -> Path:
+    """A resnet18 state dict with non-trivial BatchNorm (random statistics and affine), so that folding
+    BatchNorm into the convs is really tested. A rewrite gets a fresh mtime (what the cache key sees)."""
+    torch.manual_seed(seed)
+    net = torchvision.models.resnet18()
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.normal_(0.0, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_(0.0, 0.2)
+    state = net.state_dict()
+    torch.save(state, path)
+    stamp = path.stat().st_mtime_ns + 10**9 * (seed + 1)  # distinct even on a coarse-mtime file system
+    os.utime(path, ns=(stamp, stamp))
+    return path
+
+
+def cache_files(root: Path) -> dict[str, int]:
+    """{level folder/file: mtime_ns} of the shared feature cache."""
+    folder = Layout(root).features
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*.npy")} if folder.exists() else {}
+
+
+def train(root: Path, data: Path, **extra) -> dict:
+    params = load_params(root / "params", tiny_overrides(data, **{"train.epochs": 1,
+                                                                  "train.freeze.strategy": "head", **extra}))
+    return run_training(params, root)
+
+
+def test_cache_is_rebuilt_exactly_when_its_inputs_change(project, shapes_dir, tmp_path, monkeypatch):
+    weights = write_weights(tmp_path / "w.pt", seed=0)
+    base = {"train.weights": str(weights), "train.augment.enabled": "true", "train.augment_views": 1}
+    train(project, shapes_dir, **base)
+    before = cache_files(project)
+    assert len({name.split("/")[0] for name in before}) == 1 and before  # one level (L5): train, val, test
+
+    train(project, shapes_dir, **base)
+    assert cache_files(project) == before, "nothing changed, yet the cache was rebuilt"
+
+    changes = [
+        ("weights file rewritten", lambda: write_weights(weights, seed=1), {}),
+        ("augmentation params", None, {"train.augment.rotate": 5.0}),
+        ("number of views", None, {"train.augment_views": 2}),
+        ("seed (with augmented views)", None, {"train.seed": 1}),
+        ("feature version", lambda: monkeypatch.setattr(freezeflow.core.train.features, "FEATURE_VERSION",
+                                                        freezeflow.core.train.features.FEATURE_VERSION + 1), {}),
+    ]
+    for what, act, extra in changes:
+        if act is not None:
+            act()
+        train(project, shapes_dir, **(base | extra))
+        after = cache_files(project)
+        assert {k: v for k, v in after.items() if k in before} == before, f"{what}: an old level was rewritten"
+        assert len({name.split("/")[0] for name in set(after) - set(before)}) == 1, f"{what}: no new level built"
+        before = after
+        train(project, shapes_dir, **(base | extra))
+        assert cache_files(project) == before, f"{what}: the new level was not reused"
+
+
+def test_seed_without_augmented_views_reuses_the_cache(project, shapes_dir):
+    train(project, shapes_dir)
+    before = cache_files(project)
+    train(project, shapes_dir, **{"train.seed": 1})  # un-augmented features do not depend on the seed
+    assert cache_files(project) == before
+
+
+@torch.no_grad()
+def live_prefix(weights: Path, images: np.ndarray, level: int) -> torch.Tensor:
+    """Stages 0..level-1 of a freshly loaded backbone, eval mode, fp32, BatchNorm not folded."""
+    model = build_backbone("resnet18", str(weights), num_classes=3).eval()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalization("resnet18"))
+    x = (torch.from_numpy(np.ascontiguousarray(images)).float() / 255.0 - mean) / std
+    for stage in model.stages[:level]:
+        x = stage(x)
+    return x
+
+
+def test_cached_features_equal_a_live_forward_pass(project, shapes_dir, tmp_path):
+    weights = write_weights(tmp_path / "w.pt", seed=0)
+    overrides = {"train.weights": str(weights), "train.freeze.strategy": "gradual", "train.epochs": 4}
+    train(project, shapes_dir, **overrides)  # gradual: levels 5, 4, 3, 2 of the pretrained prefix
+    params = load_params(project / "params", tiny_overrides(shapes_dir))
+    prepared = prepare_dataset(params.data, Layout(project).prepared)
+    levels = {p.name: p for p in Layout(project).features.iterdir()}
+    assert sorted(name.split("-")[1] for name in levels) == ["L2", "L3", "L4", "L5"]
+    for name, folder in levels.items():
+        level = int(name.split("-")[1][1:])
+        for split in ("train", "val"):
+            cached = np.load(folder / f"{split}.npy")  # (V=1, N, C, H, W) fp16
+            assert cached.dtype == np.float16 and cached.shape[0] == 1
+            live = live_prefix(weights, prepared.images[prepared.split[split]], level)
+            got = torch.from_numpy(cached[0].astype(np.float32))
+            scale = float(live.abs().max())
+            torch.testing.assert_close(got, live, rtol=2e-3, atol=1e-3 * max(scale, 1.0),
+                                       msg=lambda m: f"{name} {split}: {m}")
+
+
+def test_cache_auto_trains_like_cache_off(project, shapes_dir, tmp_path):
+    weights = write_weights(tmp_path / "w.pt", seed=0)
+    runs = {}
+    for cache in ("auto", "off"):
+        root = tmp_path / cache
+        shutil.copytree(project / "params", root / "params")
+        metrics = train(root, shapes_dir, **{"train.weights": str(weights), "train.epochs": 2,
+                                             "train.cache_features": cache})
+        assert metrics["feature_cache"] is (cache == "auto")
+        runs[cache] = (metrics, load_trusted(root / "models" / "model.pt"))
+    (auto, auto_model), (off, off_model) = runs["auto"], runs["off"]
+    assert auto["val_loss"] == pytest.approx(off["val_loss"], rel=1e-3, abs=1e-4)
+    assert (auto["val_accuracy"], auto["test_accuracy"]) == (off["val_accuracy"], off["test_accuracy"])
+    for key, value in off_model.items():
+        torch.testing.assert_close(auto_model[key], value, rtol=1e-3, atol=1e-4, msg=lambda m: f"{key}: {m}")
