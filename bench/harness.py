@@ -62,7 +62,7 @@ from torchvision import datasets, transforms
 
 from freezeflow.core.data.augment import augment_batch
 from freezeflow.core.models.backbones import build_backbone, count_stage_flops, normalization
-from freezeflow.core.train.engine import Batches, prefetch
+from freezeflow.core.train.batches import Batches, prefetch
 from freezeflow.core.train.features import normalize_batch
 from freezeflow.core.train.freezing import FreezePlan
 from freezeflow.core.params import AugmentParams, Params, load_params

@@ -41,7 +41,8 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from freezeflow.core.train.engine import EpochReport, resolve_device
+from freezeflow.core.train.loop import resolve_device
+from freezeflow.core.train.state import EpochReport
 from freezeflow.core.errors import UserError
 from freezeflow.core.infer.evaluate import evaluate_model, write_eval
 from freezeflow.core.models.io import ModelInfo, load_model

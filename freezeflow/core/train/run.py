@@ -19,7 +19,8 @@ import torch
 
 from freezeflow.core.train import distributed
 from freezeflow.core.models.backbones import build_backbone, min_image_size, normalization
-from freezeflow.core.train.engine import Trainer, TrainResult
+from freezeflow.core.train.loop import Trainer
+from freezeflow.core.train.state import TrainResult
 from freezeflow.core.io import load_trusted
 from freezeflow.core.errors import ParamsError, UserError
 from freezeflow.core.train.freezing import FreezePlan

@@ -1,4 +1,4 @@
-"""Training engine: resume is bit-exact, the feature cache is built once and reused, checkpoints are safe."""
+"""The training loop: resume is bit-exact, the feature cache is built once and reused, checkpoints are safe."""
 
 from __future__ import annotations
 

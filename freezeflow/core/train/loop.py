@@ -1,21 +1,16 @@
-"""The training loop: only trainable stages get gradients, frozen prefixes come from the cache.
+"""The Trainer and its epoch loop: only trainable stages get gradients, frozen prefixes come from the cache.
 
-`train_model` is a pure-ish core function: model + prepared data + params in, history out. It
+`Trainer.run` is pure-ish: model + prepared data + params in, history out. It
 writes only its checkpoint (atomically, every epoch) so that `resume=True` continues bit-exactly
 on CPU. Logging, progress bars, Optuna and MLflow plug in through `callbacks`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import queue
-import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,48 +19,22 @@ import torch.nn.functional as F
 from freezeflow.core.train import distributed
 from freezeflow.core.data.augment import augment_batch
 from freezeflow.core.models.batchnorm import adapt_or_load
-from freezeflow.core.io import load_trusted, save_atomic
+from freezeflow.core.io import save_atomic
 from freezeflow.core.errors import UserError
+from freezeflow.core.train.batches import Batches, prefetch, split_batches, train_batches
 from freezeflow.core.train.features import FeatureCache, feature_key, normalize_batch
 from freezeflow.core.train.freezing import (FreezePlan, apply_freeze, describe_groups, make_optimizer,
-                                 set_train_mode, sync_optimizer)
+                                            set_train_mode, sync_optimizer)
 from freezeflow.core.train.guard import TrainingDiverged, chance_threshold, chance_verdict, loss_verdict
 from freezeflow.core.params import TrainParams
 from freezeflow.core.train.lr_schedules import PlateauState, lr_factor
+from freezeflow.core.train.state import (CHECKPOINT_VERSION, EpochReport, TrainResult, history_from_rows,
+                                         history_rows, params_fingerprint, read_checkpoint, rng_state,
+                                         set_rng_state)
 
 
 ADAPT_BATCH = 128  # AdaBN pass: fixed, so the adapted statistics do not depend on train.batch_size
 ADAPT_IMAGES = 1024  # AdaBN: statistics of 1k images are as good as of all; evenly spaced over the split
-
-
-@dataclass
-class EpochReport:
-    epoch: int  # 1-based
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    lrs: dict[str, float]
-    epoch_time_s: float
-    images_per_s: float
-    data_wait_fraction: float
-    frozen_stages: int
-    from_cache: bool
-
-
-@dataclass
-class TrainResult:
-    history: list[EpochReport]
-    best_epoch: int
-    best_val_accuracy: float
-    train_time_s: float
-    stopped_early: bool
-    feature_builds: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-class Callback(Protocol):
-    def on_epoch_end(self, report: EpochReport) -> None: ...
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -84,45 +53,6 @@ def resolve_amp(spec: str, device: torch.device) -> torch.dtype | None:
     if spec == "fp16" or (spec == "auto" and not torch.cuda.is_bf16_supported()):
         return torch.float16
     return torch.bfloat16
-
-
-def params_fingerprint(params: TrainParams, data_key: str) -> str:
-    """What a checkpoint must match to be resumed (device and compile do not change the maths)."""
-    d = asdict(params)
-    for key in ("device", "compile", "use_best"):
-        d.pop(key, None)
-    return hashlib.sha256(json.dumps([d, data_key], sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass
-class Batches:
-    """Where one epoch's inputs come from: raw images (level 0) or cached features (level k)."""
-
-    arrays: Any  # np.ndarray (N, ...) uint8 images, or (V, N, ...) fp16 features
-    rows: np.ndarray  # indices into arrays (dim 0 for images, dim 1 for features)
-    level: int
-    view: int = 0
-
-    def take(self, positions: np.ndarray) -> torch.Tensor:
-        rows = self.rows[positions]
-        block = self.arrays[rows] if self.level == 0 else self.arrays[self.view][rows]
-        return torch.from_numpy(np.ascontiguousarray(block))
-
-
-def prefetch(batches: Batches, order: np.ndarray, batch_size: int, pin: bool) -> Iterator[torch.Tensor]:
-    """Gather the next batch in a thread while the current one trains (numpy releases the GIL)."""
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    q: queue.Queue = queue.Queue(maxsize=2)
-
-    def work() -> None:
-        for chunk in chunks:
-            x = batches.take(chunk)
-            q.put((x.pin_memory() if pin else x, chunk))
-        q.put(None)
-
-    threading.Thread(target=work, daemon=True).start()
-    while (item := q.get()) is not None:
-        yield item
 
 
 class Suffix(torch.nn.Module):
@@ -235,11 +165,7 @@ class Trainer:
 
     # ---- one epoch -------------------------------------------------------------------------
     def epoch_source(self) -> Batches:
-        if self.cache is not None and self.frozen > 0:
-            feats = self.cache.level(self.frozen)
-            view = self.epoch % feats["train"].shape[0]
-            return Batches(feats["train"], np.arange(len(self.split["train"])), self.frozen, view)
-        return Batches(self.images, self.split["train"], 0)
+        return train_batches(self.cache, self.images, self.split, self.frozen, self.epoch)
 
     def update_freezing(self, progress: float) -> None:
         self.apply_frozen(self.plan.frozen_count(self.epoch, progress))
@@ -338,12 +264,9 @@ class Trainer:
     def predict_split(self, name: str) -> torch.Tensor:
         """Logits (N, classes) for a split, from cached features when the prefix is frozen."""
         self.model.eval()
-        level = self.frozen if self.cache is not None and self.frozen > 0 else 0
-        arrays = self.cache.level(level, (name,))[name] if level else self.images
-        rows = np.arange(len(self.split[name])) if level else self.split[name]
-        batches = Batches(arrays, rows, level)
-        out = []
-        for x_cpu, _ in prefetch(batches, np.arange(len(rows)), 512, self.device.type == "cuda"):
+        batches = split_batches(self.cache, self.images, self.split, self.frozen, name)
+        level, out = batches.level, []
+        for x_cpu, _ in prefetch(batches, np.arange(len(batches.rows)), 512, self.device.type == "cuda"):
             x = self.to_layout(x_cpu.to(self.device).float() if level else self.normalize(x_cpu.to(self.device)))
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                 out.append(self.model.forward_from(x, level).float().cpu())
@@ -426,7 +349,7 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "version": 1,
+            "version": CHECKPOINT_VERSION,
             "fingerprint": params_fingerprint(self.params, self.data_key),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -434,10 +357,9 @@ class Trainer:
             "plateau": self.plateau.state_dict(),
             "epoch": self.epoch, "step": self.step, "frozen": self.frozen, "lr": self.params.lr,
             "trained_from": self.cache.trained_from if self.cache else None,
-            "history": [asdict(r) for r in self.history],
+            "history": history_rows(self.history),
             "best": self.best,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": rng_state(),
         }
 
     def save_checkpoint(self) -> None:
@@ -445,10 +367,7 @@ class Trainer:
             save_atomic(self.state_dict(), self.checkpoint)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = load_trusted(path)
-        if state.get("fingerprint") != params_fingerprint(self.params, self.data_key):
-            raise UserError(f"{path}: checkpoint was written with other params or data; run without --resume "
-                            "to start over (the old checkpoint is then replaced)")
+        state = read_checkpoint(path, params_fingerprint(self.params, self.data_key))
         self.model.load_state_dict(state["model"])
         self.frozen = state["frozen"]
         apply_freeze(self.model, self.frozen)
@@ -463,9 +382,7 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         if self.cache is not None and state["trained_from"] is not None:
             self.cache.mark_trained(state["trained_from"])
-        self.history = [EpochReport(**r) for r in state["history"]]
+        self.history = history_from_rows(state["history"])
         self.best = state["best"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        set_rng_state(state["rng"])
 
