@@ -410,7 +410,7 @@ def warm_feature_cache(trainer: Any, root: Path) -> None:
     parallel trials that freeze the same prefix build it once and the others read it from disk."""
     if trainer.cache is None or trainer.frozen == 0:
         return
-    with file_lock(root / "cache" / "locks" / f"{trainer.cache.key_fn(trainer.frozen)}.lock"):
+    with file_lock(root / "cache" / "locks" / f"{trainer.cache.spec.key_fn(trainer.frozen)}.lock"):
         trainer.cache.level(trainer.frozen)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,11 +19,12 @@ import torch.nn.functional as F
 
 from freezeflow.core.train import distributed
 from freezeflow.core.data.augment import augment_batch
+from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.models.batchnorm import adapt_or_load
 from freezeflow.core.io import save_atomic
 from freezeflow.core.errors import UserError
 from freezeflow.core.train.batches import Batches, prefetch, split_batches, train_batches
-from freezeflow.core.train.features import FeatureCache, feature_key, normalize_batch
+from freezeflow.core.train.features import FeatureCache, FeatureSpec, feature_key, normalize_batch
 from freezeflow.core.train.freezing import (FreezePlan, apply_freeze, describe_groups, make_optimizer,
                                             set_train_mode, sync_optimizer)
 from freezeflow.core.train.guard import TrainingDiverged, chance_threshold, chance_verdict, loss_verdict
@@ -66,6 +68,22 @@ class Suffix(torch.nn.Module):
         return self.model.forward_from(x, start)
 
 
+@dataclass(frozen=True)
+class TrainerSpec:
+    """What one Trainer trains, on what, and where it keeps things (built by run.build_trainer)."""
+
+    model: torch.nn.Module  # a fresh head for the data's classes
+    data: Prepared
+    params: TrainParams
+    plan: FreezePlan
+    mean_std: tuple  # the backbone's input normalization
+    features: FeatureSpec  # the frozen-feature cache (used only where the strategy freezes a prefix)
+    checkpoint: Path | None = None  # None: a throwaway trainer (lr finder, the guard's probe) writes nothing
+    # val accuracy of the head alone on the same data, asked for by the divergence guard only when val
+    # accuracy sits at chance while body stages train (freezeflow.core.train.guard)
+    reference: Callable[[], float] | None = None
+
+
 class Trainer:
     """State of one training run; `run()` trains from the current epoch to the end.
 
@@ -73,31 +91,26 @@ class Trainer:
     its slice of every global batch through DistributedDataParallel; only rank 0 writes and reports.
     """
 
-    def __init__(self, model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
-                 split: dict[str, np.ndarray], params: TrainParams, plan: FreezePlan,
-                 mean_std: tuple, data_key: str, checkpoint: Path | None,
-                 feature_root: Path | None, callbacks: list | None = None,
-                 reference: Callable[[], float] | None = None):
-        """reference: val accuracy of the head alone on the same data, asked for by the divergence
-        guard only when val accuracy sits at chance while body stages train (freezeflow.core.train.guard)."""
-        self.params, self.plan, self.data_key = params, plan, data_key
-        self.reference, self.divergence = reference, None
+    def __init__(self, spec: TrainerSpec, callbacks: list | None = None):
+        params, plan, data = spec.params, spec.plan, spec.data
+        self.params, self.plan, self.data_key = params, plan, data.key
+        self.reference, self.divergence = spec.reference, None
         self.world = distributed.current()
         distributed.check_batch_size(params.batch_size, self.world)
         self.device = resolve_device(params.device)
         self.amp = resolve_amp(params.amp, self.device)
-        self.model = model.to(self.device)
+        self.model = spec.model.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         if params.channels_last:  # faster convolutions on GPU and, measured here, ~1.5x on CPU too
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.images, self.labels, self.split = images, torch.from_numpy(labels), split
-        mean, std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in mean_std)
+        self.images, self.labels, self.split = data.images, torch.from_numpy(data.labels), data.split
+        mean, std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in spec.mean_std)
         self.normalize = lambda x: normalize_batch(x, mean, std)
-        self.checkpoint, self.callbacks = checkpoint, callbacks or []
+        self.checkpoint, self.callbacks = spec.checkpoint, callbacks or []
         if params.bn_adapt:
-            self.adapt_statistics(feature_root)
-        self.steps_per_epoch = max(1, len(split["train"]) // params.batch_size)
+            self.adapt_statistics(spec.features.root)
+        self.steps_per_epoch = max(1, len(self.split["train"]) // params.batch_size)
         self.total_steps = self.steps_per_epoch * params.epochs
         self.frozen = plan.frozen_count(0, 0.0)
         apply_freeze(self.model, self.frozen)
@@ -108,8 +121,9 @@ class Trainer:
         self.plateau = PlateauState()
         self.epoch, self.step, self.history = 0, 0, []
         self.best: dict = {"epoch": 0, "val_accuracy": -1.0, "state": None}
-        self.chance = chance_threshold(labels[split["val"]], int(self.model.classifier.out_features))
-        self.cache = self.make_cache(feature_root, params) if self.use_cache(params) else None
+        self.chance = chance_threshold(data.labels[self.split["val"]], int(self.model.classifier.out_features))
+        self.cache = FeatureCache(self.model, self.images, self.split, self.normalize, spec.features,
+                                  self.world) if self.use_cache(params) else None
         if self.cache is not None:
             self.cache.progress = self.notify_feature_progress
         if params.compile:
@@ -151,17 +165,6 @@ class Trainer:
             raise UserError("params/train.yaml: cache_features: on needs deterministic inputs: set augment_views "
                             "> 0 (cached augmented views) or augment.enabled: false")
         return params.cache_features != "off" and deterministic and self.plan.strategy != "none"
-
-    def make_cache(self, root: Path | None, params: TrainParams) -> FeatureCache:
-        def key_fn(k: int) -> str:
-            return f"{self.model.name}-L{k}-" + feature_key(self.data_key, self.model.name, params.weights, k,
-                                                             params.augment, params.augment_views, params.seed,
-                                                             params.bn_adapt)
-
-        run_root = self.checkpoint.parent / "run-features" if self.checkpoint else None
-        return FeatureCache(self.model, self.images, self.split, self.normalize, self.device, key_fn, root,
-                            params.feature_memory_mb, params.augment, params.augment_views, params.seed,
-                            run_root=run_root, world=self.world)
 
     # ---- one epoch -------------------------------------------------------------------------
     def epoch_source(self) -> Batches:

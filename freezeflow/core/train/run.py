@@ -19,7 +19,8 @@ import torch
 
 from freezeflow.core.train import distributed
 from freezeflow.core.models.backbones import build_backbone, min_image_size, normalization
-from freezeflow.core.train.loop import Trainer
+from freezeflow.core.train.features import feature_spec
+from freezeflow.core.train.loop import Trainer, TrainerSpec
 from freezeflow.core.train.state import TrainResult
 from freezeflow.core.io import load_trusted
 from freezeflow.core.errors import ParamsError, UserError
@@ -60,9 +61,11 @@ def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks:
     torch.manual_seed(params.train.seed)  # the new head's init
     model = build_backbone(params.train.backbone, params.train.weights, num_classes=len(prepared.classes))
     plan = FreezePlan.from_params(params.train, len(model.stages))
-    return Trainer(model, prepared.images, prepared.labels, prepared.split, params.train, plan,
-                   normalization(params.train.backbone), prepared.key, layout.checkpoint if checkpoint else None,
-                   layout.features, callbacks, reference=reference)
+    run_root = layout.checkpoint.parent / "run-features" if checkpoint else None  # kept with the checkpoint
+    features = feature_spec(model.name, prepared.key, params.train, layout.features, run_root)
+    spec = TrainerSpec(model, prepared, params.train, plan, normalization(params.train.backbone), features,
+                       layout.checkpoint if checkpoint else None, reference)
+    return Trainer(spec, callbacks)
 
 
 def with_lr(params: Params, lr: float) -> Params:
