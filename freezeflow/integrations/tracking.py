@@ -41,6 +41,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from freezeflow.core.train.callbacks import Callback
 from freezeflow.core.train.loop import resolve_device
 from freezeflow.core.train.state import EpochReport
 from freezeflow.core.errors import UserError
@@ -166,7 +167,7 @@ def epoch_metrics(report: EpochReport) -> dict[str, float]:
     return {k: float(v) for k, v in values.items()}
 
 
-class MlflowCallback:
+class MlflowCallback(Callback):
     """Trainer callback: one `log_batch` per epoch with all of that epoch's metrics."""
 
     def __init__(self, run_id: str, tracking_uri: str | None = None, client: MlflowClient | None = None):

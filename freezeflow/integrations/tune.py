@@ -54,6 +54,7 @@ from freezeflow.core.io import write_json_atomic, write_text_atomic
 from freezeflow.integrations.tracking import (MlflowCallback, ensure_experiment, first_line, log_params,
                                  log_totals, resolve_artifact_location, resolve_tracking_uri, start_tags,
                                  tag_quietly)
+from freezeflow.core.train.callbacks import Callback
 from freezeflow.core.train.run import build_trainer
 from freezeflow.core.data.prepare import open_prepared
 from freezeflow.core.layout import Layout, dataset_name, resolve_data_params
@@ -346,7 +347,7 @@ def log_study_plots(client: MlflowClient, run_id: str, study: optuna.Study) -> l
 
 # ---- one trial -----------------------------------------------------------------------------------
 
-class ReportToTrial:
+class ReportToTrial(Callback):
     """Trainer callback: val_accuracy to Optuna every epoch; TrialPruned when the pruner says so."""
 
     def __init__(self, trial: optuna.Trial, pruner: str):
@@ -365,7 +366,7 @@ class ReportToTrial:
         raise optuna.TrialPruned(message)
 
 
-class InjectOom:
+class InjectOom(Callback):
     """Test hook (FREEZEFLOW_TEST_OOM_TRIAL=<trial number>): CUDA out of memory after epoch 1."""
 
     def on_epoch_end(self, report) -> None:

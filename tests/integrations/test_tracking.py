@@ -13,12 +13,13 @@ from tests.conftest import CLASSES, write_figures_dataset
 from freezeflow.core.errors import UserError
 from freezeflow.core.models.io import load_model, predict_images
 from freezeflow.core.params import load_params
+from freezeflow.core.train.callbacks import Callback
 from freezeflow.core.infer.predict import predict_files
 from freezeflow.integrations.tracking import (load_downloaded, load_registered, register_model, resolve_tracking_uri,
                                  tracked_training, tracking_scope)
 
 PARAMS = Path(__file__).resolve().parents[2] / "params"
-class Raise:
+class Raise(Callback):
     """A callback that raises `exc` at the end of epoch 1."""
 
     def __init__(self, exc: BaseException):

@@ -23,6 +23,7 @@ from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.models.batchnorm import adapt_or_load
 from freezeflow.core.io import save_atomic
 from freezeflow.core.errors import UserError
+from freezeflow.core.train.callbacks import Callback, CallbackList, EarlyStopping
 from freezeflow.core.train.batches import Batches, prefetch, split_batches, train_batches
 from freezeflow.core.train.features import FeatureCache, FeatureSpec, feature_key, normalize_batch
 from freezeflow.core.train.freezing import (FreezePlan, apply_freeze, describe_groups, make_optimizer,
@@ -91,7 +92,7 @@ class Trainer:
     its slice of every global batch through DistributedDataParallel; only rank 0 writes and reports.
     """
 
-    def __init__(self, spec: TrainerSpec, callbacks: list | None = None):
+    def __init__(self, spec: TrainerSpec, callbacks: list[Callback] | None = None):
         params, plan, data = spec.params, spec.plan, spec.data
         self.params, self.plan, self.data_key = params, plan, data.key
         self.reference, self.divergence = spec.reference, None
@@ -107,7 +108,9 @@ class Trainer:
         self.images, self.labels, self.split = data.images, torch.from_numpy(data.labels), data.split
         mean, std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in spec.mean_std)
         self.normalize = lambda x: normalize_batch(x, mean, std)
-        self.checkpoint, self.callbacks = spec.checkpoint, callbacks or []
+        self.checkpoint = spec.checkpoint
+        # progress bars, MLflow, Optuna run on rank 0 only: one report per run
+        self.callbacks = CallbackList((callbacks or ()) if self.world.is_main else ())
         if params.bn_adapt:
             self.adapt_statistics(spec.features.root)
         self.steps_per_epoch = max(1, len(self.split["train"]) // params.batch_size)
@@ -120,12 +123,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.plateau = PlateauState()
         self.epoch, self.step, self.history = 0, 0, []
-        self.best: dict = {"epoch": 0, "val_accuracy": -1.0, "state": None}
+        self.stopper = EarlyStopping(self.model, params.early_stopping)  # keeps the best epoch's weights
         self.chance = chance_threshold(data.labels[self.split["val"]], int(self.model.classifier.out_features))
         self.cache = FeatureCache(self.model, self.images, self.split, self.normalize, spec.features,
                                   self.world) if self.use_cache(params) else None
         if self.cache is not None:
-            self.cache.progress = self.notify_feature_progress
+            self.cache.progress = self.callbacks.on_feature_progress
         if params.compile:
             for stage in self.model.stages:
                 stage.compile()
@@ -147,17 +150,6 @@ class Trainer:
         """The trainable suffix's forward: plain, or through DDP (which averages its gradients)."""
         suffix = Suffix(self.model)
         return distributed.wrap_ddp(suffix, self.device) if self.world.enabled else suffix
-
-    def notify(self, event: str, *args) -> None:
-        """Callbacks (progress bars, MLflow, Optuna) run on rank 0 only: one report per run."""
-        if not self.world.is_main:
-            return
-        for cb in self.callbacks:
-            if hasattr(cb, event):
-                getattr(cb, event)(*args)
-
-    def notify_feature_progress(self, label: str, done: int, total: int) -> None:
-        self.notify("on_feature_progress", label, done, total)
 
     def use_cache(self, params: TrainParams) -> bool:
         deterministic = not params.augment.enabled or params.augment_views > 0
@@ -285,6 +277,7 @@ class Trainer:
     # ---- the run -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
         stopped_early = False
+        self.callbacks.on_train_start()
         if self.epoch == 0 and self.cache is not None:
             with distributed.main_first():
                 if self.world.is_main:
@@ -303,18 +296,19 @@ class Trainer:
                                  self.steps_per_epoch * self.params.batch_size / seconds, wait / seconds,
                                  self.frozen, self.cache is not None and self.frozen > 0)
             self.history.append(report)
-            if val_acc > self.best["val_accuracy"]:
-                self.best = {"epoch": self.epoch, "val_accuracy": val_acc,
-                             "state": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
+            self.stopper.on_epoch_end(report)  # every rank, before the checkpoint that stores the best epoch
             self.save_checkpoint()
-            self.notify("on_epoch_end", report)
+            self.callbacks.on_epoch_end(report)
             self.check_chance()
-            if self.params.early_stopping and self.epoch - self.best["epoch"] >= self.params.early_stopping:
+            if self.stopper.should_stop:
                 stopped_early = True
                 break
-        return TrainResult(self.history, self.best["epoch"], self.best["val_accuracy"],
-                           sum(r.epoch_time_s for r in self.history), stopped_early,
-                           self.cache.builds if self.cache else 0, {"divergence": self.divergence})
+        best = self.stopper.best
+        result = TrainResult(self.history, best["epoch"], best["val_accuracy"],
+                             sum(r.epoch_time_s for r in self.history), stopped_early,
+                             self.cache.builds if self.cache else 0, {"divergence": self.divergence})
+        self.callbacks.on_train_end(result)
+        return result
 
     # ---- the divergence guard -------------------------------------------------------------------
     def peak_lrs(self) -> dict[str, float]:
@@ -343,11 +337,10 @@ class Trainer:
 
     def report_divergence(self, message: str) -> None:
         self.divergence = message
-        self.notify("on_divergence", message)
+        self.callbacks.on_divergence(message)
 
     def restore_best(self) -> None:
-        if self.best["state"] is not None:
-            self.model.load_state_dict(self.best["state"])
+        self.stopper.restore()
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -361,7 +354,7 @@ class Trainer:
             "epoch": self.epoch, "step": self.step, "frozen": self.frozen, "lr": self.params.lr,
             "trained_from": self.cache.trained_from if self.cache else None,
             "history": history_rows(self.history),
-            "best": self.best,
+            "best": self.stopper.state_dict(),
             "rng": rng_state(),
         }
 
@@ -386,6 +379,6 @@ class Trainer:
         if self.cache is not None and state["trained_from"] is not None:
             self.cache.mark_trained(state["trained_from"])
         self.history = history_from_rows(state["history"])
-        self.best = state["best"]
+        self.stopper.load_state_dict(state["best"])
         set_rng_state(state["rng"])
 

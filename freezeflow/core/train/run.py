@@ -19,6 +19,7 @@ import torch
 
 from freezeflow.core.train import distributed
 from freezeflow.core.models.backbones import build_backbone, min_image_size, normalization
+from freezeflow.core.train.callbacks import Callback, CallbackList
 from freezeflow.core.train.features import feature_spec
 from freezeflow.core.train.loop import Trainer, TrainerSpec
 from freezeflow.core.train.state import TrainResult
@@ -53,8 +54,8 @@ PROBE_EPOCHS = 3  # the divergence guard's head-alone reference: a short linear 
 FINDER_PLACEHOLDER_LR = 1.0  # the lr finder sets every group's lr itself; groups keep their share of it
 
 
-def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks: list, checkpoint: bool = True,
-                  reference=None) -> Trainer:
+def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks: list[Callback],
+                  checkpoint: bool = True, reference=None) -> Trainer:
     """Model with a fresh head for the dataset's classes, freezing plan, optimizer, cache.
     checkpoint=False: a throwaway trainer (lr finder, the guard's probe) that writes nothing."""
     check_image_size(params)
@@ -80,7 +81,7 @@ def find_learning_rate(params: Params, prepared: Prepared, layout: Layout) -> Lr
 
 
 def resolve_lr(params: Params, prepared: Prepared, layout: Layout, resume: bool,
-               callbacks: list) -> Params:
+               callbacks: list[Callback]) -> Params:
     """train.lr=auto becomes the lr finder's suggestion (a resumed run keeps the one it started with)."""
     if params.train.lr != "auto":
         return params
@@ -89,9 +90,7 @@ def resolve_lr(params: Params, prepared: Prepared, layout: Layout, resume: bool,
         if isinstance(saved, float):
             return with_lr(params, saved)
     result = find_learning_rate(params, prepared, layout)
-    for cb in callbacks:
-        if hasattr(cb, "on_lr_found"):
-            cb.on_lr_found(result)
+    CallbackList(callbacks).on_lr_found(result)
     return with_lr(params, result.suggestion)
 
 
@@ -103,8 +102,8 @@ def probe_head_accuracy(params: Params, prepared: Prepared, layout: Layout) -> f
     return build_trainer(replace(params, train=probe), prepared, layout, [], checkpoint=False).run().best_val_accuracy
 
 
-def run_training(params: Params, root: Path = Path("."), resume: bool = False, callbacks: list | None = None,
-                 progress=None) -> dict:
+def run_training(params: Params, root: Path = Path("."), resume: bool = False,
+                 callbacks: list[Callback] | None = None, progress=None) -> dict:
     """Prepare (or reuse) the data, train, evaluate on val and test, write model + reports."""
     validate_params(params)
     world = distributed.init_distributed(params.train.device)  # under torchrun: join the group

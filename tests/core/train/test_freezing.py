@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from freezeflow.core.errors import ParamsError
+from freezeflow.core.train.callbacks import Callback
 from freezeflow.core.train.freezing import FreezePlan
 from freezeflow.core.params import FreezeParams, TrainParams, load_params
 from freezeflow.core.data.prepare import prepare_dataset
@@ -83,7 +84,7 @@ def test_until_out_of_range_names_key_and_allowed_values():
         plan("until", until=9)
 
 
-class Inspector:
+class Inspector(Callback):
     """Records, after every epoch, what the freezing module promised."""
 
     def __init__(self, trainer):
