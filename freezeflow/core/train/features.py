@@ -216,7 +216,8 @@ class FeatureCache:
         chunks = []
         for view in range(src.shape[0]):
             for start in starts:
-                x = torch.from_numpy(np.array(src[view, start:start + self.spec.batch_size]))  # copy: memmap is read-only
+                rows = src[view, start:start + self.spec.batch_size]
+                x = torch.from_numpy(np.array(rows))  # a copy: a memmap is read-only
                 x = prefix(x.to(self.device).float().contiguous(memory_format=torch.channels_last))
                 chunks.append(x.to("cpu", torch.float16).contiguous())
         if not chunks:

@@ -156,7 +156,7 @@ class Trainer:
         if params.cache_features == "on" and not deterministic:
             raise UserError("params/train.yaml: cache_features: on needs deterministic inputs: set augment_views "
                             "> 0 (cached augmented views) or augment.enabled: false")
-        return params.cache_features != "off" and deterministic and self.plan.strategy != "none"
+        return params.cache_features != "off" and deterministic and not self.plan.trains_everything
 
     # ---- one epoch -------------------------------------------------------------------------
     def epoch_source(self) -> Batches:
@@ -231,7 +231,7 @@ class Trainer:
         local_batch = self.params.batch_size // self.world.size
         for x_cpu, chunk in prefetch(source, order, local_batch, self.device.type == "cuda"):
             wait += time.perf_counter() - t_ready
-            if self.plan.strategy == "freezeout":
+            if self.plan.updates_every_step:
                 self.update_freezing(self.step / self.total_steps)
             self.set_lrs(self.step / self.steps_per_epoch)
             y = self.labels[self.split["train"][chunk]].to(self.device, non_blocking=True)
@@ -321,7 +321,7 @@ class Trainer:
         comes from this run's head-only epochs (LP-FT) when it had any, else from a short probe."""
         head = self.plan.head
         tuned = [r for r in self.history if r.frozen_stages < head] or \
-            (self.history if self.plan.strategy == "head" else [])
+            ([] if self.plan.trains_body else self.history)
         if not self.params.guard_epochs or len(tuned) != self.params.guard_epochs or self.divergence:
             return
         val = self.history[-1].val_accuracy  # now, not the best: a head-only epoch may have been better

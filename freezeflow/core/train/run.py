@@ -30,6 +30,7 @@ from freezeflow.core.train.lr_finder import LrFindResult, find_lr
 from freezeflow.core.metrics import summarize_predictions
 from freezeflow.core.models.io import ModelInfo, save_model
 from freezeflow.core.params import Params, dump_params, load_params
+from freezeflow.core.strategies import STRATEGIES
 from freezeflow.core.data.prepare import Prepared, open_prepared
 from freezeflow.core.io import write_json_atomic
 from freezeflow.core.layout import Layout
@@ -45,7 +46,7 @@ def check_image_size(params: Params) -> None:
 def validate_params(params: Params) -> None:
     """Checks that need the backbone, done before anything is written."""
     check_image_size(params)
-    if params.train.freeze.strategy == "until":
+    if STRATEGIES[params.train.freeze.strategy].uses_cut:
         stages = len(build_backbone(params.train.backbone, "none").stages)  # architecture only, no weights
         FreezePlan.from_params(params.train, stages)
 
