@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from bench import harness
 from freezeflow.core.models.registry import build_backbone
 from freezeflow.core.errors import first_line
-from freezeflow.core.train.engine import resolve_amp, resolve_device
+from freezeflow.core.train.loop import resolve_amp, resolve_device
 from freezeflow.core.train.freezing import FreezePlan, make_optimizer, set_train_mode
 from freezeflow.core.data.prepare import load_prepared, prepare_dataset
 from freezeflow.core.layout import Layout

@@ -63,7 +63,7 @@ from torchvision import datasets, transforms
 from freezeflow.core.data.augment import augment_batch
 from freezeflow.core.models.registry import build_backbone, normalization
 from freezeflow.core.models.staged import count_stage_flops
-from freezeflow.core.train.engine import Batches, prefetch
+from freezeflow.core.train.batches import Batches, prefetch
 from freezeflow.core.data.preprocess import normalize_batch
 from freezeflow.core.train.freezing import FreezePlan
 from freezeflow.core.params import AugmentParams, Params, load_params
@@ -75,7 +75,7 @@ SUITES = ("recipes", "loader", "limit", "sweep", "peers", "gpu", "quality")
 # or None, run(ctx, pool) -> report body, render(report) -> Markdown lines
 EXTRA_SUITES = {"sweep": "bench.sweep", "peers": "bench.peers", "gpu": "bench.gpu",
                 "quality": "bench.quality"}
-STRATEGIES = ("head", "until", "gradual", "freezeout", "none")
+STRATEGIES = ("head", "until", "gradual", "freezeout", "none")  # every core.strategies name, most frozen first
 # --slow-repeats applies to every recipes contender but the head pair (minutes per run on a small CPU)
 SLOW_CONTENDERS = tuple(f"{recipe}-{strategy}" for strategy in ("until", "gradual", "freezeout", "none")
                         for recipe in ("plain", "freezeflow"))
@@ -402,7 +402,7 @@ def build_plain_subsets(params: Params, prepared_root: Path, augment: bool = Fal
 
 def build_plain_optimizer(model: torch.nn.Module, plan: FreezePlan, lr: float, weight_decay: float):
     """AdamW, one group per stage that ever trains (lr scaled per stage only for gradual/freezeout)."""
-    lowest = 0 if plan.strategy in ("none", "gradual", "freezeout") else plan.frozen_count(0, 0.0)
+    lowest = 0 if plan.changes_over_time else plan.frozen_count(0, 0.0)  # none: 0 as well
     groups = [{"params": list(model.stages[i].parameters()), "stage": i, "base_lr": lr * plan.lr_scale(i),
                "lr": lr * plan.lr_scale(i)} for i in range(lowest, plan.n_stages)]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
@@ -592,7 +592,7 @@ def estimate_freezeflow_flops(plan: FreezePlan, flops: list[int], sizes: tuple[i
                            batch: int) -> float:
     """FLOPs of the engine: cached prefix levels (train + val), suffix forward + backward, test at the end."""
     n_train, n_val, n_test = sizes
-    steps, cached = max(1, n_train // batch), plan.strategy != "none"
+    steps, cached = max(1, n_train // batch), not plan.trains_everything
     state = {"level": 0, "trained_from": None}
     work, frozen = 0.0, plan.frozen_count(0, 0.0)
 

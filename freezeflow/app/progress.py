@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from freezeflow.core.train.callbacks import Callback
+
 
 def progress_printer(label: str, stream=None) -> Callable[[int, int], None]:
     """Returns update(done, total). On a TTY a rich progress bar; else a line at every 10%."""
@@ -47,7 +49,7 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-class EpochProgress:
+class EpochProgress(Callback):
     """Training callback: a rich bar over epochs (live loss, accuracy, images/s, ETA) on a TTY,
     else one plain line per epoch (CI logs stay readable).
 

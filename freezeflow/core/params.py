@@ -19,9 +19,11 @@ import yaml
 from freezeflow.core.backbone_names import BACKBONE_NAMES  # the registry's names, torch-free
 from freezeflow.core.errors import ParamsError
 from freezeflow.core.io import write_text_atomic
+from freezeflow.core.schedules import SCHEDULES as SCHEDULE_TABLE
+from freezeflow.core.strategies import STRATEGIES as STRATEGY_TABLE
 
-STRATEGIES = ("none", "head", "until", "gradual", "freezeout")
-SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau", "exponential")
+STRATEGIES = tuple(STRATEGY_TABLE)  # names, in the tables' order (freezeflow.core.strategies, .schedules)
+SCHEDULES = tuple(SCHEDULE_TABLE)
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -163,16 +165,38 @@ def subset(default: tuple, allowed: tuple, doc: str) -> Any:
                  metadata={"choices": AnyOf(allowed), "doc": f"{doc} (default: [{shown}])"})
 
 
-class CheckedRange:
-    """`low <= high` for a search-space range; KEY names it in the error (space.KEY)."""
+TUNE_FILE = "params/tune.yaml"  # what range errors name (as every tune.yaml check has)
+
+
+def check_order(low: Any, high: Any, key: str) -> None:
+    """`low <= high` for a search-space range; `key` (space.KEY) names it in the error."""
+    if low > high:
+        raise ParamsError(TUNE_FILE, key, f"low {low} > high {high}; allowed: low <= high")
+
+
+class OrderedSpace:
+    """A search-space dimension with low, high and keys of its own (enabled, ...); KEY names it."""
 
     KEY = ""
 
     def __post_init__(self) -> None:
-        low, high = getattr(self, "low"), getattr(self, "high")
-        if low > high:
-            raise ParamsError("params/tune.yaml", f"space.{self.KEY}",
-                              f"low {low} > high {high}; allowed: low <= high")
+        check_order(getattr(self, "low"), getattr(self, "high"), f"space.{self.KEY}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """low..high of a dimension a sweep samples with some schedules only (space.schedule.KEY).
+    What each end allows and means is the field's (`ranged`); `build` checks it, then low <= high."""
+
+    low: float  # an int for integer keys (step_size, plateau_patience)
+    high: float
+
+
+def ranged(low: Any, high: Any, kind: type, lo: float | None, hi: float | None, docs: tuple[str, str],
+           lo_open: bool = False) -> Any:
+    """A Range-valued param defaulting to low..high; each end an int or float `kind` within lo..hi."""
+    ends = {end: {"min": lo, "max": hi, "lo_open": lo_open, "doc": doc} for end, doc in zip(("low", "high"), docs)}
+    return field(default_factory=lambda: Range(low, high), metadata={"range": ends, "kind": kind})
 
 
 @dataclass(frozen=True)
@@ -183,7 +207,7 @@ class BatchSizeSpace:
 
 
 @dataclass(frozen=True)
-class LrSpace(CheckedRange):
+class LrSpace(OrderedSpace):
     KEY = "lr"
     enabled: bool = documented(True, "tune the peak learning rate, log-uniform (off: train.yaml's lr)")
     low: float = bounded(0.0001, 0.0, 10.0, "smallest lr", lo_open=True)
@@ -194,7 +218,7 @@ class LrSpace(CheckedRange):
 
 
 @dataclass(frozen=True)
-class WeightDecaySpace(CheckedRange):
+class WeightDecaySpace(OrderedSpace):
     KEY = "weight_decay"
     enabled: bool = documented(False, "tune weight decay, log-uniform (off: train.yaml's weight_decay)")
     low: float = bounded(0.000001, 0.0, 1.0, "smallest weight decay", lo_open=True)
@@ -202,7 +226,7 @@ class WeightDecaySpace(CheckedRange):
 
 
 @dataclass(frozen=True)
-class BodyLrSpace(CheckedRange):
+class BodyLrSpace(OrderedSpace):
     KEY = "body_lr_factor"
     enabled: bool = documented(False, "tune train.body_lr_factor, log-uniform (its best value depends on how far the "
                                       "data is from ImageNet: bench/README.md)")
@@ -211,49 +235,20 @@ class BodyLrSpace(CheckedRange):
 
 
 @dataclass(frozen=True)
-class StepSizeRange(CheckedRange):
-    KEY = "schedule.step_size"
-    low: int = bounded(1, 1, None, "`step`: fewest epochs between lr drops")
-    high: int = bounded(3, 1, None, "`step`: most epochs between lr drops")
-
-
-@dataclass(frozen=True)
-class GammaRange(CheckedRange):
-    KEY = "schedule.gamma"
-    low: float = bounded(0.1, 0.0, 1.0, "`step`/`exponential`: smallest lr factor", lo_open=True)
-    high: float = bounded(0.9, 0.0, 1.0, "`step`/`exponential`: largest lr factor", lo_open=True)
-
-
-@dataclass(frozen=True)
-class WarmupRange(CheckedRange):
-    KEY = "schedule.warmup_epochs"
-    low: float = bounded(0.0, 0.0, None, "`cosine`/`onecycle`: shortest warmup, in epochs")
-    high: float = bounded(1.0, 0.0, None, "`cosine`/`onecycle`: longest warmup, in epochs")
-
-
-@dataclass(frozen=True)
-class PatienceRange(CheckedRange):
-    KEY = "schedule.plateau_patience"
-    low: int = bounded(0, 0, None, "`plateau`: least patience, in epochs")
-    high: int = bounded(2, 0, None, "`plateau`: most patience, in epochs")
-
-
-@dataclass(frozen=True)
-class FactorRange(CheckedRange):
-    KEY = "schedule.plateau_factor"
-    low: float = bounded(0.1, 0.0, 1.0, "`plateau`: smallest lr factor", lo_open=True)
-    high: float = bounded(0.9, 0.0, 1.0, "`plateau`: largest lr factor", lo_open=True)
-
-
-@dataclass(frozen=True)
 class ScheduleSpace:
     enabled: bool = documented(True, "tune the lr schedule and its own params (off: train.yaml's)")
     choices: list[str] | None = subset(SCHEDULES, SCHEDULES, "schedules to try")
-    step_size: StepSizeRange = field(default_factory=StepSizeRange)
-    gamma: GammaRange = field(default_factory=GammaRange)
-    warmup_epochs: WarmupRange = field(default_factory=WarmupRange)
-    plateau_patience: PatienceRange = field(default_factory=PatienceRange)
-    plateau_factor: FactorRange = field(default_factory=FactorRange)
+    # one Range per key some schedule reads (freezeflow.core.schedules: SCHEDULES[...].reads)
+    step_size: Range = ranged(1, 3, int, 1, None, ("`step`: fewest epochs between lr drops",
+                                                   "`step`: most epochs between lr drops"))
+    gamma: Range = ranged(0.1, 0.9, float, 0.0, 1.0, ("`step`/`exponential`: smallest lr factor",
+                                                      "`step`/`exponential`: largest lr factor"), lo_open=True)
+    warmup_epochs: Range = ranged(0.0, 1.0, float, 0.0, None, ("`cosine`/`onecycle`: shortest warmup, in epochs",
+                                                               "`cosine`/`onecycle`: longest warmup, in epochs"))
+    plateau_patience: Range = ranged(0, 2, int, 0, None, ("`plateau`: least patience, in epochs",
+                                                          "`plateau`: most patience, in epochs"))
+    plateau_factor: Range = ranged(0.1, 0.9, float, 0.0, 1.0, ("`plateau`: smallest lr factor",
+                                                               "`plateau`: largest lr factor"), lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -399,11 +394,28 @@ def build(cls: type, raw: Any, file: str, prefix: str) -> Any:
         if name not in raw:
             continue
         key = prefix + name
-        if dataclasses.is_dataclass(hints[name]):
+        if "range" in spec.metadata:
+            values[name] = build_range(raw[name], spec, file, key)
+        elif dataclasses.is_dataclass(hints[name]):
             values[name] = build(hints[name], raw[name], file, key + ".")
         else:
             values[name] = check_value(raw[name], hints[name], spec.metadata, file, key)
     return cls(**values)
+
+
+def build_range(raw: Any, spec: dataclasses.Field, file: str, key: str) -> Range:
+    """A Range from {low, high} (a missing end keeps its default), each end checked against the
+    field's bounds, then low <= high."""
+    if not isinstance(raw, dict):
+        raise ParamsError(file, key, "must be a mapping of key: value")
+    for end in raw:
+        if end not in ("low", "high"):
+            raise ParamsError(file, f"{key}.{end}", "unknown key; allowed: low, high")
+    default, ends, kind = spec.default_factory(), spec.metadata["range"], spec.metadata["kind"]
+    low, high = (check_value(raw[end], kind, ends[end], file, f"{key}.{end}") if end in raw else getattr(default, end)
+                 for end in ("low", "high"))
+    check_order(low, high, key)
+    return Range(low, high)
 
 
 def check_value(value: Any, kind: Any, meta: typing.Mapping, file: str, key: str) -> Any:
@@ -489,20 +501,29 @@ def iter_docs(cls: type, prefix: str = ""):
     """(key, default, allowed, doc) for each field: feeds the README's params reference."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if "range" in f.metadata:
+            default = f.default_factory()
+            for end, meta in f.metadata["range"].items():
+                yield f"{prefix}{f.name}.{end}", getattr(default, end), describe_allowed(meta, f.metadata["kind"]), \
+                    meta["doc"]
+            continue
         if dataclasses.is_dataclass(hints[f.name]):
             yield from iter_docs(hints[f.name], f"{prefix}{f.name}.")
             continue
-        meta = f.metadata
-        allowed = ", ".join(map(str, meta["choices"])) if meta.get("choices") else ""
-        if meta.get("min") is not None or meta.get("max") is not None:
-            lo = meta.get("min")
-            allowed = f"{'>' if meta.get('lo_open') else '>='} {lo}" if lo is not None else ""
-            if meta.get("max") is not None:
-                allowed += f"{' and ' if allowed else ''}<= {meta['max']}"
-        if meta.get("auto"):
-            allowed += ", or auto"
-        yield prefix + f.name, f.default, allowed or getattr(hints[f.name], "__name__", str(hints[f.name])), \
-            meta.get("doc", "")
+        yield prefix + f.name, f.default, describe_allowed(f.metadata, hints[f.name]), f.metadata.get("doc", "")
+
+
+def describe_allowed(meta: typing.Mapping, kind: Any) -> str:
+    """The reference's `allowed` column: the choices, the bounds, or else the type."""
+    allowed = ", ".join(map(str, meta["choices"])) if meta.get("choices") else ""
+    if meta.get("min") is not None or meta.get("max") is not None:
+        lo = meta.get("min")
+        allowed = f"{'>' if meta.get('lo_open') else '>='} {lo}" if lo is not None else ""
+        if meta.get("max") is not None:
+            allowed += f"{' and ' if allowed else ''}<= {meta['max']}"
+    if meta.get("auto"):
+        allowed += ", or auto"
+    return allowed or getattr(kind, "__name__", str(kind))
 
 
 def render_reference() -> str:

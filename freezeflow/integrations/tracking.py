@@ -39,7 +39,9 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from freezeflow.core.train.engine import EpochReport, resolve_device
+from freezeflow.core.train.callbacks import Callback
+from freezeflow.core.train.loop import resolve_device
+from freezeflow.core.train.state import EpochReport
 from freezeflow.core.errors import UserError
 from freezeflow.core.infer.evaluate import evaluate_model, write_eval
 from freezeflow.core.models.io import ModelInfo, load_model
@@ -164,7 +166,7 @@ def epoch_metrics(report: EpochReport) -> dict[str, float]:
     return {k: float(v) for k, v in values.items()}
 
 
-class MlflowCallback:
+class MlflowCallback(Callback):
     """Trainer callback: one `log_batch` per epoch with all of that epoch's metrics."""
 
     def __init__(self, run_id: str, tracking_uri: str | None = None, client: MlflowClient | None = None):

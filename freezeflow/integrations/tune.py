@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+import typing
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,12 +47,15 @@ from optuna.trial import TrialState
 
 from freezeflow.core.errors import ParamsError, UserError
 from freezeflow.core.params import Params, SearchSpace, TrainParams, load_params, set_nested
+from freezeflow.core.schedules import SCHEDULES
+from freezeflow.core.strategies import STRATEGIES
 from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.io import write_json_atomic, write_text_atomic
 from freezeflow.integrations.secrets import first_line_masked, mask_url
 from freezeflow.integrations.tracking import (MlflowCallback, ensure_experiment, log_params,
                                  log_totals, resolve_artifact_location, resolve_tracking_uri, start_tags,
                                  tag_quietly)
+from freezeflow.core.train.callbacks import Callback
 from freezeflow.core.train.run import build_trainer
 from freezeflow.core.data.prepare import open_prepared
 from freezeflow.core.layout import Layout, dataset_name, resolve_data_params
@@ -97,20 +101,17 @@ def scale_lr(lr: float, batch_size: int, space: SearchSpace) -> float:
     return min(lr * factor, 10.0)
 
 
+TRAIN_TYPES = typing.get_type_hints(TrainParams)  # int keys are suggested as ints (step_size, plateau_patience)
+
+
 def suggest_schedule(trial: optuna.Trial, space: SearchSpace, out: dict[str, Any]) -> None:
-    """The schedule and only the params that schedule reads (conditional dimensions)."""
-    s = space.schedule
-    schedule = out["schedule"] = trial.suggest_categorical("schedule", s.choices)
-    if schedule == "step":
-        out["step_size"] = trial.suggest_int("step_size", s.step_size.low, s.step_size.high)
-    if schedule in ("step", "exponential"):
-        out["gamma"] = trial.suggest_float("gamma", s.gamma.low, s.gamma.high)
-    if schedule in ("cosine", "onecycle"):
-        out["warmup_epochs"] = trial.suggest_float("warmup_epochs", s.warmup_epochs.low, s.warmup_epochs.high)
-    if schedule == "plateau":
-        out["plateau_patience"] = trial.suggest_int("plateau_patience", s.plateau_patience.low,
-                                                    s.plateau_patience.high)
-        out["plateau_factor"] = trial.suggest_float("plateau_factor", s.plateau_factor.low, s.plateau_factor.high)
+    """The schedule and only the params that schedule reads (conditional dimensions): the keys of
+    its row in freezeflow.core.schedules.SCHEDULES, each within tune.yaml's space.schedule.KEY range."""
+    schedule = out["schedule"] = trial.suggest_categorical("schedule", space.schedule.choices)
+    for key in SCHEDULES[schedule].reads:
+        bounds = getattr(space.schedule, key)
+        suggest = trial.suggest_int if TRAIN_TYPES[key] is int else trial.suggest_float
+        out[key] = suggest(key, bounds.low, bounds.high)
 
 
 def lr_range(space: SearchSpace, finder: dict | None) -> tuple[float, float]:
@@ -144,7 +145,7 @@ def suggest_train(trial: optuna.Trial, space: SearchSpace, train: TrainParams, n
                                                     space.body_lr_factor.high, log=True)
     if space.freeze.enabled:
         strategy = out["freeze.strategy"] = trial.suggest_categorical("freeze.strategy", space.freeze.choices)
-        if strategy == "until":
+        if STRATEGIES[strategy].uses_cut:
             out["freeze.until"] = trial.suggest_int("freeze.until", space.freeze.until_low, space.freeze.until_high)
     if space.optimizer.enabled:
         out["optimizer"] = trial.suggest_categorical("optimizer", space.optimizer.choices)
@@ -173,7 +174,7 @@ def check_space(params: Params, params_dir: Path) -> None:
         raise ParamsError(file, "grace_period", f"{tune.grace_period} is out of range; allowed: > "
                           f"heartbeat_interval ({tune.heartbeat_interval})")
     freeze = tune.space.freeze
-    if freeze.enabled and "until" in freeze.choices:
+    if freeze.enabled and any(STRATEGIES[name].uses_cut for name in freeze.choices):
         from freezeflow.core.models.registry import build_backbone
 
         stages = len(build_backbone(params.train.backbone, "none").stages)  # architecture only
@@ -333,7 +334,7 @@ def log_study_plots(client: MlflowClient, run_id: str, study: optuna.Study) -> l
 
 # ---- one trial -----------------------------------------------------------------------------------
 
-class ReportToTrial:
+class ReportToTrial(Callback):
     """Trainer callback: val_accuracy to Optuna every epoch; TrialPruned when the pruner says so."""
 
     def __init__(self, trial: optuna.Trial, pruner: str):
@@ -385,7 +386,7 @@ def warm_feature_cache(trainer: Any, root: Path) -> None:
     parallel trials that freeze the same prefix build it once and the others read it from disk."""
     if trainer.cache is None or trainer.frozen == 0:
         return
-    with file_lock(root / "cache" / "locks" / f"{trainer.cache.key_fn(trainer.frozen)}.lock"):
+    with file_lock(root / "cache" / "locks" / f"{trainer.cache.spec.key_fn(trainer.frozen)}.lock"):
         trainer.cache.level(trainer.frozen)
 
 

@@ -101,7 +101,7 @@ def test_unknown_run_id_is_a_one_line_user_error(store, tmp_path):
 def test_epoch_progress_prints_one_plain_line_per_epoch_off_a_tty():
     import io
 
-    from freezeflow.core.train.engine import EpochReport
+    from freezeflow.core.train.state import EpochReport
 
     stream = io.StringIO()  # isatty() is False: CI logs
     progress = EpochProgress(3, stream)

@@ -11,7 +11,10 @@ from mlflow.tracking import MlflowClient
 from freezeflow.integrations.tracking import resolve_tracking_uri, tracked_training
 from tests.integrations.conftest import store, store_uri
 
-class Raise:
+from freezeflow.core.train.callbacks import Callback
+
+
+class Raise(Callback):
     """A callback that raises `exc` at the end of epoch 1."""
 
     def __init__(self, exc: BaseException):

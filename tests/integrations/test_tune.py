@@ -24,6 +24,9 @@ from freezeflow.integrations.secrets import mask_url
 from freezeflow.integrations import tune
 from freezeflow.integrations.tune import (PARENT_ATTR, batch_choices, check_space, prepare_study, run_tune,
                                           suggest_train, yaml_scalar)
+from freezeflow.core.schedules import SCHEDULES
+from freezeflow.core.train.callbacks import Callback
+from freezeflow.integrations.tune import ReportToTrial
 from tests.conftest import REPO, tiny_overrides, write_shapes_dataset
 
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -83,6 +86,21 @@ def test_conditional_params_follow_the_schedule(project):
     cosine = suggest_train(FixedTrial({"batch_size": 16, "lr": 0.01, "schedule": "cosine", "warmup_epochs": 0.5}),
                            space, params.train, 1000)
     assert cosine["warmup_epochs"] == 0.5 and "gamma" not in cosine
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_each_schedule_suggests_the_keys_its_table_row_reads(project, schedule):
+    params = load_params(project / "params")
+    space = params.tune.space
+    own = {key: getattr(space.schedule, key).high for key in SCHEDULES[schedule].reads}
+    values = suggest_train(FixedTrial({"batch_size": 16, "lr": 0.01, "schedule": schedule, **own}), space,
+                           params.train, 1000)
+    assert values == {"batch_size": 16, "lr": 0.01, "schedule": schedule, **own}
+    assert all(type(values[key]) is type(getattr(params.train, key)) for key in own)  # ints stay ints
+
+
+def test_the_trial_callbacks_are_trainer_callbacks():
+    assert issubclass(ReportToTrial, Callback)
 
 
 def test_lr_scaling_disabled_dimensions_and_batch_cap(project):

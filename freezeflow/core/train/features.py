@@ -13,7 +13,7 @@ import copy
 import hashlib
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +22,7 @@ import torch
 
 from freezeflow.core.train import distributed
 from freezeflow.core.data.augment import augment_batch
-from freezeflow.core.params import AugmentParams
+from freezeflow.core.params import AugmentParams, TrainParams
 from freezeflow.core.io import open_atomic
 
 FEATURE_VERSION = 4  # 2: BatchNorm folded into convs for extraction; 3: augmentation seeded per batch; 4: AdaBN
@@ -84,20 +84,42 @@ def feature_key(data_key: str, backbone: str, weights: str, level: int, augment:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a cached level depends on and where it is kept: built once per trainer by `feature_spec`."""
+
+    key_fn: Callable[[int], str]  # level k -> disk key of a pretrained prefix's features (see feature_key)
+    root: Path | None  # shared cache folder (cache/features); None: nothing is stored
+    run_root: Path | None = None  # where run-local (trained-prefix) levels live, for an exact resume
+    memory_mb: int = 2048  # levels larger than this stay memory-mapped
+    augment: AugmentParams | None = None
+    views: int = 0  # augmented views per train image; 0: the images as they are
+    seed: int = 0
+    batch_size: int = 256
+
+
+def feature_spec(backbone: str, data_key: str, train: TrainParams, root: Path | None,
+                 run_root: Path | None) -> FeatureSpec:
+    """The cache of a training with `train` params on the prepared data `data_key`."""
+    def key_fn(k: int) -> str:
+        return f"{backbone}-L{k}-" + feature_key(data_key, backbone, train.weights, k, train.augment,
+                                                 train.augment_views, train.seed, train.bn_adapt)
+
+    return FeatureSpec(key_fn, root, run_root, train.feature_memory_mb, train.augment, train.augment_views,
+                       train.seed)
+
+
 class FeatureCache:
-    """Features of the frozen prefix for splits train/val/test, built once and extended on demand."""
+    """Features of the frozen prefix for splits train/val/test, built once and extended on demand.
+    The prefix runs on the model's device."""
 
     def __init__(self, model: torch.nn.Module, images: np.ndarray, split: dict[str, np.ndarray],
-                 normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-                 key_fn: Callable[[int], str], root: Path | None, memory_mb: int,
-                 augment: AugmentParams | None, views: int, seed: int, batch_size: int = 256,
-                 run_root: Path | None = None, world: distributed.World | None = None):
-        self.model, self.images, self.split = model, images, split
-        self.normalize, self.device, self.key_fn = normalize, device, key_fn
-        self.root, self.memory_bytes = root, memory_mb * 2**20
-        self.augment, self.views, self.seed, self.batch_size = augment, views, seed, batch_size
+                 normalize: Callable[[torch.Tensor], torch.Tensor], spec: FeatureSpec,
+                 world: distributed.World | None = None):
+        self.model, self.images, self.split, self.normalize, self.spec = model, images, split, normalize, spec
+        self.device = next(model.parameters()).device
+        self.memory_bytes = spec.memory_mb * 2**20
         self.progress: Callable[[str, int, int], None] | None = None  # (label, done, total), e.g. a bar
-        self.run_root = run_root  # where run-local (trained-prefix) levels live, for an exact resume
         self.world = world or distributed.World()  # under torchrun each rank builds a part of each level
         self.current: tuple[int, dict[str, np.ndarray]] | None = None  # (level, split -> features)
         self.trained_from: int | None = None  # lowest stage index this run has trained
@@ -124,10 +146,10 @@ class FeatureCache:
         below and kept with the checkpoint (exact resume); a pretrained prefix is shared by key."""
         pretrained = self.trained_from is None or k <= self.trained_from
         if pretrained:
-            folder = self.root / self.key_fn(k) if self.root is not None else None
+            folder = self.spec.root / self.spec.key_fn(k) if self.spec.root is not None else None
             build = lambda part: self.compute(name, k, part)  # noqa: E731
         else:
-            folder = self.run_root / f"L{k}" if self.run_root is not None else None
+            folder = self.spec.run_root / f"L{k}" if self.spec.run_root is not None else None
             if previous is not None and name in previous[1]:
                 build = lambda part: self.extend(previous[1][name], previous[0], k, part)  # noqa: E731
             else:
@@ -138,16 +160,16 @@ class FeatureCache:
 
     def reset_run_local(self) -> None:
         """A fresh (not resumed) run: features of an earlier run's trained prefix are stale."""
-        if self.run_root is not None:
-            shutil.rmtree(self.run_root, ignore_errors=True)
+        if self.spec.run_root is not None:
+            shutil.rmtree(self.spec.run_root, ignore_errors=True)
 
     def views_for(self, name: str) -> int:
-        return max(self.views, 1) if name == "train" else 1
+        return max(self.spec.views, 1) if name == "train" else 1
 
     def batch_starts(self, n: int, part: tuple[int, int] | None) -> range:
         """Row offsets of the batches to compute: all, or batches [lo, hi) of this rank's part."""
-        lo, hi = part if part is not None else (0, -(-n // self.batch_size))
-        return range(lo * self.batch_size, min(hi * self.batch_size, n), self.batch_size)
+        lo, hi = part if part is not None else (0, -(-n // self.spec.batch_size))
+        return range(lo * self.spec.batch_size, min(hi * self.spec.batch_size, n), self.spec.batch_size)
 
     @torch.no_grad()
     def compute(self, name: str, k: int, part: tuple[int, int] | None = None) -> np.ndarray:
@@ -165,11 +187,11 @@ class FeatureCache:
         out = torch.empty((views, n_rows, *prefix(example[:1]).shape[1:]), dtype=torch.float16)  # (V, n, ...)
         for view in range(views):
             for i, start in enumerate(starts):
-                rows = idx[start:start + self.batch_size]
+                rows = idx[start:start + self.spec.batch_size]
                 x = self.normalize(torch.from_numpy(self.images[rows]).to(self.device))
-                if name == "train" and self.views:
-                    gen = torch.Generator().manual_seed((self.seed * 7919 + view) * 1_000_003 + start)
-                    x = augment_batch(x, self.augment, gen)
+                if name == "train" and self.spec.views:
+                    gen = torch.Generator().manual_seed((self.spec.seed * 7919 + view) * 1_000_003 + start)
+                    x = augment_batch(x, self.spec.augment, gen)
                 x = prefix(x.contiguous(memory_format=torch.channels_last))
                 out[view, start - first:start - first + len(rows)] = x.to("cpu", torch.float16)
                 if self.progress is not None:
@@ -189,7 +211,8 @@ class FeatureCache:
         chunks = []
         for view in range(src.shape[0]):
             for start in starts:
-                x = torch.from_numpy(np.array(src[view, start:start + self.batch_size]))  # copy: memmap is read-only
+                rows = src[view, start:start + self.spec.batch_size]
+                x = torch.from_numpy(np.array(rows))  # a copy: a memmap is read-only
                 x = prefix(x.to(self.device).float().contiguous(memory_format=torch.channels_last))
                 chunks.append(x.to("cpu", torch.float16).contiguous())
         if not chunks:
@@ -212,7 +235,7 @@ class FeatureCache:
     def build_shared(self, path: Path, build: Callable, n: int) -> None:
         """Each rank computes its contiguous run of batches; rank 0 joins the parts in rank order."""
         part_path = path.with_name(f".{path.stem}.part{self.world.rank}.npy")
-        write_array(part_path, build(distributed.split_range(-(-n // self.batch_size), self.world)))
+        write_array(part_path, build(distributed.split_range(-(-n // self.spec.batch_size), self.world)))
         distributed.barrier()
         if self.world.is_main:
             parts = [path.with_name(f".{path.stem}.part{r}.npy") for r in range(self.world.size)]

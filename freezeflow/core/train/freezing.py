@@ -2,6 +2,8 @@
 
 A model is a list of stages (stem, stage 1..N, head). Every strategy freezes a *prefix* of that
 list, so the whole freezing state is one number: `frozen`, the count of leading stages frozen.
+The strategies and their capabilities are the rows of `freezeflow.core.strategies.STRATEGIES`;
+a `FreezePlan` answers for its strategy (`plan.updates_every_step`, `plan.trains_body`, ...).
 
     none       frozen = 0
     head       frozen = n - 1 (linear probe)
@@ -36,6 +38,7 @@ from torch import nn
 
 from freezeflow.core.errors import ParamsError
 from freezeflow.core.params import TrainParams
+from freezeflow.core.strategies import STRATEGIES, Strategy
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class FreezePlan:
     @classmethod
     def from_params(cls, train: TrainParams, n_stages: int, file: str = "params/train.yaml") -> "FreezePlan":
         freeze = train.freeze
-        if freeze.strategy == "until" and not 0 <= freeze.until <= n_stages - 1:
+        if STRATEGIES[freeze.strategy].uses_cut and not 0 <= freeze.until <= n_stages - 1:
             raise ParamsError(file, "freeze.until", f"{freeze.until} is out of range for {train.backbone} "
                               f"({n_stages} stages incl. head); allowed: 0..{n_stages - 1}")
         return cls(freeze.strategy, n_stages, freeze.until, freeze.head_epochs, freeze.every,
@@ -63,6 +66,38 @@ class FreezePlan:
     @property
     def head(self) -> int:
         return self.n_stages - 1
+
+    # ---- what the strategy can do (freezeflow.core.strategies) ------------------------------------
+    @property
+    def capabilities(self) -> Strategy:
+        return STRATEGIES[self.strategy]
+
+    @property
+    def trains_everything(self) -> bool:
+        """No stage is ever frozen: nothing to cache."""
+        return self.capabilities.trains_everything
+
+    @property
+    def trains_body(self) -> bool:
+        """Some body stage trains at some point (not for `head`)."""
+        return self.capabilities.trains_body
+
+    @property
+    def uses_cut(self) -> bool:
+        return self.capabilities.uses_cut
+
+    @property
+    def unfreezes_over_time(self) -> bool:
+        return self.capabilities.unfreezes_over_time
+
+    @property
+    def updates_every_step(self) -> bool:
+        """The frozen count may change inside an epoch: ask `frozen_count` before every step."""
+        return self.capabilities.updates_every_step
+
+    @property
+    def changes_over_time(self) -> bool:
+        return self.capabilities.changes_over_time
 
     def fine_tune_frozen(self) -> int:
         """The frozen count once fine-tuning starts, after the head-only epochs (what the lr finder tests)."""
@@ -75,32 +110,30 @@ class FreezePlan:
 
     def frozen_count(self, epoch: int, progress: float) -> int:
         """Leading stages frozen at `epoch` (0-based) and `progress` in [0, 1] of all steps."""
-        if self.strategy == "none":
-            return 0
-        if self.strategy == "head":
-            return self.head
-        if self.strategy == "until":
-            return self.until
-        if self.strategy == "gradual":
+        if self.unfreezes_over_time:  # gradual
             if epoch < self.head_epochs:
                 return self.head
             return max(0, self.head - 1 - (epoch - self.head_epochs) // self.every)
-        return sum(1 for t in self.freeze_times() if progress >= t)  # freezeout: t_i increase with i
+        if self.updates_every_step:  # freezeout: t_i increase with i
+            return sum(1 for t in self.freeze_times() if progress >= t)
+        if self.trains_everything:
+            return 0
+        return self.until if self.uses_cut else self.head
 
     def lr_scale(self, stage: int) -> float:
         """Static multiplier of the head's lr for `stage`: the discriminative rule in the module
         docstring (and FreezeOut's 1 / t_i with scale_lr)."""
         if stage >= self.head:
             return 1.0
-        decay = self.lr_decay if self.strategy == "gradual" else self.body_lr_decay
+        decay = self.lr_decay if self.capabilities.own_lr_decay else self.body_lr_decay
         scale = self.body_lr_factor * decay ** (self.head - stage - 1)
-        if self.strategy == "freezeout" and self.scale_lr:
+        if self.capabilities.anneals_per_stage and self.scale_lr:
             scale /= self.freeze_times()[stage]
         return scale
 
     def lr_factor(self, stage: int, progress: float, schedule_factor: float) -> float:
         """Time-varying factor: FreezeOut anneals each body stage on its own clock to 0 at t_i."""
-        if self.strategy == "freezeout" and stage < self.head:
+        if self.capabilities.anneals_per_stage and stage < self.head:
             t_i = self.freeze_times()[stage]
             return 0.5 * (1 + math.cos(math.pi * min(progress / t_i, 1.0)))
         return schedule_factor

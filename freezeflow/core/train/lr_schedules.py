@@ -2,7 +2,8 @@
 
 A schedule returns a factor applied to each param group's base lr. Being a pure function of
 (epoch progress, params) plus a small plateau state, it survives resume exactly and works when
-param groups join or leave the optimizer (gradual unfreezing, FreezeOut).
+param groups join or leave the optimizer (gradual unfreezing, FreezeOut). The schedules themselves
+are the rows of `freezeflow.core.schedules.SCHEDULES`; here: the common warmup and the plateau state.
 """
 
 from __future__ import annotations
@@ -11,42 +12,18 @@ import math
 from dataclasses import dataclass
 
 from freezeflow.core.params import TrainParams
-
-ONECYCLE_DIV = 25.0  # start lr = peak / 25, as torch.optim.lr_scheduler.OneCycleLR
-ONECYCLE_FINAL_DIV = 1e4
-
-
-def cosine(t: float) -> float:
-    """1 -> 0 over t in [0, 1]."""
-    return 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+from freezeflow.core.schedules import SCHEDULES
 
 
 def lr_factor(params: TrainParams, epoch_progress: float, plateau_scale: float = 1.0) -> float:
     """Factor of the base lr at `epoch_progress` epochs into training (fractional: step-wise)."""
+    schedule = SCHEDULES[params.schedule]
     total, warm, e = float(params.epochs), params.warmup_epochs, epoch_progress
-    if params.schedule == "onecycle":
-        return onecycle(e / total, warm / total if warm else 0.3)
+    if schedule.own_warmup:
+        return schedule.factor(params, e, total, plateau_scale)
     if warm and e < warm:
         return max(e / warm, 1e-3)  # linear warmup; never exactly 0 so Adam's first step moves
-    if params.schedule == "constant":
-        return 1.0
-    if params.schedule == "step":
-        return params.gamma ** math.floor((e - warm) / params.step_size)
-    if params.schedule == "exponential":
-        return params.gamma ** math.floor(e - warm)
-    if params.schedule == "cosine":
-        return cosine((e - warm) / max(total - warm, 1e-9))
-    if params.schedule == "plateau":
-        return plateau_scale
-    raise ValueError(params.schedule)
-
-
-def onecycle(t: float, pct_up: float) -> float:
-    """Leslie Smith's one-cycle: cosine up from peak/25 to peak, then cosine down to ~0."""
-    start, end = 1.0 / ONECYCLE_DIV, 1.0 / (ONECYCLE_DIV * ONECYCLE_FINAL_DIV)
-    if t < pct_up:
-        return start + (1.0 - start) * (1.0 - cosine(t / pct_up))
-    return end + (1.0 - end) * cosine((t - pct_up) / max(1.0 - pct_up, 1e-9))
+    return schedule.factor(params, e - warm, total - warm, plateau_scale)
 
 
 @dataclass

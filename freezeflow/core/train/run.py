@@ -19,7 +19,10 @@ import torch
 
 from freezeflow.core.train import distributed
 from freezeflow.core.models.registry import build_backbone, min_image_size, normalization
-from freezeflow.core.train.engine import Trainer, TrainResult
+from freezeflow.core.train.callbacks import Callback, CallbackList
+from freezeflow.core.train.features import feature_spec
+from freezeflow.core.train.loop import Trainer, TrainerSpec
+from freezeflow.core.train.state import TrainResult
 from freezeflow.core.io import load_trusted
 from freezeflow.core.errors import ParamsError, UserError
 from freezeflow.core.train.freezing import FreezePlan
@@ -28,6 +31,7 @@ from freezeflow.core.metrics import summarize_predictions
 from freezeflow.core.models.batchnorm import set_bn_momentum
 from freezeflow.core.models.io import ModelInfo, save_model
 from freezeflow.core.params import Params, dump_params, load_params
+from freezeflow.core.strategies import STRATEGIES
 from freezeflow.core.data.prepare import Prepared, open_prepared
 from freezeflow.core.io import write_json_atomic
 from freezeflow.core.layout import Layout
@@ -43,7 +47,7 @@ def check_image_size(params: Params) -> None:
 def validate_params(params: Params) -> None:
     """Checks that need the backbone, done before anything is written."""
     check_image_size(params)
-    if params.train.freeze.strategy == "until":
+    if STRATEGIES[params.train.freeze.strategy].uses_cut:
         stages = len(build_backbone(params.train.backbone, "none").stages)  # architecture only, no weights
         FreezePlan.from_params(params.train, stages)
 
@@ -52,8 +56,8 @@ PROBE_EPOCHS = 3  # the divergence guard's head-alone reference: a short linear 
 FINDER_PLACEHOLDER_LR = 1.0  # the lr finder sets every group's lr itself; groups keep their share of it
 
 
-def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks: list, checkpoint: bool = True,
-                  reference=None) -> Trainer:
+def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks: list[Callback],
+                  checkpoint: bool = True, reference=None) -> Trainer:
     """Model with a fresh head for the dataset's classes, freezing plan, optimizer, cache.
     checkpoint=False: a throwaway trainer (lr finder, the guard's probe) that writes nothing."""
     check_image_size(params)
@@ -61,9 +65,11 @@ def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks:
     model = build_backbone(params.train.backbone, params.train.weights, num_classes=len(prepared.classes))
     set_bn_momentum(list(model.stages), params.train.bn_momentum)
     plan = FreezePlan.from_params(params.train, len(model.stages))
-    return Trainer(model, prepared.images, prepared.labels, prepared.split, params.train, plan,
-                   normalization(params.train.backbone), prepared.key, layout.checkpoint if checkpoint else None,
-                   layout.features, callbacks, reference=reference)
+    run_root = layout.checkpoint.parent / "run-features" if checkpoint else None  # kept with the checkpoint
+    features = feature_spec(model.name, prepared.key, params.train, layout.features, run_root)
+    spec = TrainerSpec(model, prepared, params.train, plan, normalization(params.train.backbone), features,
+                       layout.checkpoint if checkpoint else None, reference)
+    return Trainer(spec, callbacks)
 
 
 def with_lr(params: Params, lr: float) -> Params:
@@ -78,7 +84,7 @@ def find_learning_rate(params: Params, prepared: Prepared, layout: Layout) -> Lr
 
 
 def resolve_lr(params: Params, prepared: Prepared, layout: Layout, resume: bool,
-               callbacks: list) -> Params:
+               callbacks: list[Callback]) -> Params:
     """train.lr=auto becomes the lr finder's suggestion (a resumed run keeps the one it started with)."""
     if params.train.lr != "auto":
         return params
@@ -87,9 +93,7 @@ def resolve_lr(params: Params, prepared: Prepared, layout: Layout, resume: bool,
         if isinstance(saved, float):
             return with_lr(params, saved)
     result = find_learning_rate(params, prepared, layout)
-    for cb in callbacks:
-        if hasattr(cb, "on_lr_found"):
-            cb.on_lr_found(result)
+    CallbackList(callbacks).on_lr_found(result)
     return with_lr(params, result.suggestion)
 
 
@@ -101,8 +105,8 @@ def probe_head_accuracy(params: Params, prepared: Prepared, layout: Layout) -> f
     return build_trainer(replace(params, train=probe), prepared, layout, [], checkpoint=False).run().best_val_accuracy
 
 
-def run_training(params: Params, root: Path = Path("."), resume: bool = False, callbacks: list | None = None,
-                 progress=None) -> dict:
+def run_training(params: Params, root: Path = Path("."), resume: bool = False,
+                 callbacks: list[Callback] | None = None, progress=None) -> dict:
     """Prepare (or reuse) the data, train, evaluate on val and test, write model + reports."""
     validate_params(params)
     world = distributed.init_distributed(params.train.device)  # under torchrun: join the group

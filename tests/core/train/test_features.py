@@ -16,7 +16,7 @@ import freezeflow.core.train.features
 from freezeflow.core.data.prepare import prepare_dataset
 from freezeflow.core.io import load_trusted
 from freezeflow.core.layout import Layout
-from freezeflow.core.models.backbones import build_backbone, normalization
+from freezeflow.core.models.registry import build_backbone, normalization
 from freezeflow.core.params import load_params
 from freezeflow.core.train.run import run_training
 from tests.conftest import tiny_overrides

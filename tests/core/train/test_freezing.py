@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from freezeflow.core.errors import ParamsError
+from freezeflow.core.train.callbacks import Callback
 from freezeflow.core.train.freezing import FreezePlan
 from freezeflow.core.params import FreezeParams, TrainParams, load_params
+from freezeflow.core.strategies import STRATEGIES
 from freezeflow.core.data.prepare import prepare_dataset
 from freezeflow.core.layout import Layout
 from freezeflow.core.train.run import build_trainer
@@ -41,6 +43,36 @@ def test_frozen_count_per_epoch(strategy, head_epochs, expected):
     p = plan(strategy, until=2, head_epochs=head_epochs, every=1)
     assert [p.frozen_count(e, e / 4) for e in range(4)] == expected
     assert p.fine_tune_frozen() == expected[head_epochs]  # what the lr finder tests: past the head-only epochs
+
+
+CAPABILITIES = {  # what each strategy's plan answers (freezeflow.core.strategies)
+    "none": {"trains_everything"},
+    "head": set(),
+    "until": {"uses_cut"},
+    "gradual": {"unfreezes_over_time", "changes_over_time"},
+    "freezeout": {"updates_every_step", "changes_over_time"},
+}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_the_plan_answers_its_strategys_capabilities(strategy):
+    p = plan(strategy, until=2)
+    flags = ("trains_everything", "uses_cut", "unfreezes_over_time", "updates_every_step", "changes_over_time")
+    assert {flag for flag in flags if getattr(p, flag)} == CAPABILITIES[strategy]
+    assert p.trains_body == (strategy != "head")
+    assert p.capabilities is STRATEGIES[strategy]
+    # what the capabilities promise, seen in the frozen counts over 4 epochs of 10 steps
+    counts = [p.frozen_count(e, (e * 10 + s) / 40) for e in range(4) for s in range(10)]
+    assert (counts == [0] * 40) == p.trains_everything
+    assert (len(set(counts)) > 1) == p.changes_over_time
+    within_epoch = any(len(set(counts[e * 10:(e + 1) * 10])) > 1 for e in range(4))
+    assert within_epoch == p.updates_every_step
+    assert (min(counts) < p.head) == p.trains_body
+
+
+def test_the_table_lists_every_strategy_once_in_params_order():
+    assert list(STRATEGIES) == ["none", "head", "until", "gradual", "freezeout"]
+    assert all(name == row.name for name, row in STRATEGIES.items())
 
 
 def test_gradual_every_two_epochs_and_floor_at_zero():
@@ -83,7 +115,7 @@ def test_until_out_of_range_names_key_and_allowed_values():
         plan("until", until=9)
 
 
-class Inspector:
+class Inspector(Callback):
     """Records, after every epoch, what the freezing module promised, and during it which stages the
     training forwards ran and in which mode (forward hooks on each stage).
 

@@ -12,6 +12,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from freezeflow.core.train.callbacks import Callback
 from freezeflow.core.train.guard import TrainingDiverged, chance_threshold
 from freezeflow.core.params import load_params
 from freezeflow.core.train.run import run_training
@@ -48,7 +49,7 @@ def test_nan_loss_stops_training_with_one_line_naming_the_lr(tmp_path, photo_fol
 def test_body_lr_too_high_is_reported_against_the_head_alone(tmp_path, photo_folder):
     warnings = []
 
-    class Listener:
+    class Listener(Callback):
         def on_divergence(self, message):
             warnings.append(message)
 

@@ -1,4 +1,4 @@
-"""Training engine: resume is bit-exact, the feature cache is built once and reused, checkpoints are safe."""
+"""The training loop: resume is bit-exact, the feature cache is built once and reused, checkpoints are safe."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from freezeflow.core.errors import UserError
 from freezeflow.core.params import load_params
 from freezeflow.core.data.prepare import prepare_dataset
 from freezeflow.core.layout import Layout
+from freezeflow.core.train.callbacks import Callback
 from freezeflow.core.train.run import build_trainer, run_training
 from tests.conftest import tiny_overrides
 
 
-class StopAfter:
+class StopAfter(Callback):
     """Simulates a crash right after epoch `epoch` was checkpointed."""
 
     def __init__(self, epoch: int):

@@ -14,6 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import FixedTrial
 
+from freezeflow.core.train.callbacks import Callback
 from freezeflow.core.train.lr_finder import find_lr, range_lrs, smooth_losses, suggest_lr
 from freezeflow.core.params import load_params
 from freezeflow.core.data.prepare import prepare_dataset
@@ -115,7 +116,7 @@ def test_sweep_range_centres_on_the_finder(tmp_path, textures, monkeypatch):
 
 
 def test_a_resumed_auto_lr_run_keeps_the_lr_it_started_with(tmp_path, textures):
-    class StopAfterFirstEpoch:
+    class StopAfterFirstEpoch(Callback):
         def __init__(self):
             self.found: list[float] = []
 

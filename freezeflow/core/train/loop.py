@@ -1,21 +1,17 @@
-"""The training loop: only trainable stages get gradients, frozen prefixes come from the cache.
+"""The Trainer and its epoch loop: only trainable stages get gradients, frozen prefixes come from the cache.
 
-`train_model` is a pure-ish core function: model + prepared data + params in, history out. It
+`Trainer.run` is pure-ish: model + prepared data + params in, history out. It
 writes only its checkpoint (atomically, every epoch) so that `resume=True` continues bit-exactly
 on CPU. Logging, progress bars, Optuna and MLflow plug in through `callbacks`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import queue
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,50 +19,26 @@ import torch.nn.functional as F
 
 from freezeflow.core.train import distributed
 from freezeflow.core.data.augment import augment_batch
+from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.models.batchnorm import adapt_or_load
-from freezeflow.core.io import load_trusted, save_atomic
+from freezeflow.core.io import save_atomic
 from freezeflow.core.errors import UserError
 from freezeflow.core.data.preprocess import normalize_batch
-from freezeflow.core.train.features import FeatureCache, feature_key
+from freezeflow.core.train.callbacks import Callback, CallbackList, EarlyStopping
+from freezeflow.core.train.batches import Batches, prefetch, split_batches, train_batches
+from freezeflow.core.train.features import FeatureCache, FeatureSpec, feature_key
 from freezeflow.core.train.freezing import (FreezePlan, apply_freeze, describe_groups, make_optimizer,
-                                 set_train_mode, sync_optimizer)
+                                            set_train_mode, sync_optimizer)
 from freezeflow.core.train.guard import TrainingDiverged, chance_threshold, chance_verdict, loss_verdict
 from freezeflow.core.params import TrainParams
 from freezeflow.core.train.lr_schedules import PlateauState, lr_factor
+from freezeflow.core.train.state import (CHECKPOINT_VERSION, EpochReport, TrainResult, history_from_rows,
+                                         history_rows, params_fingerprint, read_checkpoint, rng_state,
+                                         set_rng_state)
 
 
 ADAPT_BATCH = 128  # AdaBN pass: fixed, so the adapted statistics do not depend on train.batch_size
 ADAPT_IMAGES = 1024  # AdaBN: statistics of 1k images are as good as of all; evenly spaced over the split
-
-
-@dataclass
-class EpochReport:
-    epoch: int  # 1-based
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    lrs: dict[str, float]
-    epoch_time_s: float
-    images_per_s: float
-    data_wait_fraction: float
-    frozen_stages: int
-    from_cache: bool
-
-
-@dataclass
-class TrainResult:
-    history: list[EpochReport]
-    best_epoch: int
-    best_val_accuracy: float
-    train_time_s: float
-    stopped_early: bool
-    feature_builds: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-class Callback(Protocol):
-    def on_epoch_end(self, report: EpochReport) -> None: ...
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -87,45 +59,6 @@ def resolve_amp(spec: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def params_fingerprint(params: TrainParams, data_key: str) -> str:
-    """What a checkpoint must match to be resumed (device and compile do not change the maths)."""
-    d = asdict(params)
-    for key in ("device", "compile", "use_best"):
-        d.pop(key, None)
-    return hashlib.sha256(json.dumps([d, data_key], sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass
-class Batches:
-    """Where one epoch's inputs come from: raw images (level 0) or cached features (level k)."""
-
-    arrays: Any  # np.ndarray (N, ...) uint8 images, or (V, N, ...) fp16 features
-    rows: np.ndarray  # indices into arrays (dim 0 for images, dim 1 for features)
-    level: int
-    view: int = 0
-
-    def take(self, positions: np.ndarray) -> torch.Tensor:
-        rows = self.rows[positions]
-        block = self.arrays[rows] if self.level == 0 else self.arrays[self.view][rows]
-        return torch.from_numpy(np.ascontiguousarray(block))
-
-
-def prefetch(batches: Batches, order: np.ndarray, batch_size: int, pin: bool) -> Iterator[torch.Tensor]:
-    """Gather the next batch in a thread while the current one trains (numpy releases the GIL)."""
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    q: queue.Queue = queue.Queue(maxsize=2)
-
-    def work() -> None:
-        for chunk in chunks:
-            x = batches.take(chunk)
-            q.put((x.pin_memory() if pin else x, chunk))
-        q.put(None)
-
-    threading.Thread(target=work, daemon=True).start()
-    while (item := q.get()) is not None:
-        yield item
-
-
 class Suffix(torch.nn.Module):
     """The stages from `start` on, as one module: what DistributedDataParallel wraps."""
 
@@ -137,6 +70,22 @@ class Suffix(torch.nn.Module):
         return self.model.forward_from(x, start)
 
 
+@dataclass(frozen=True)
+class TrainerSpec:
+    """What one Trainer trains, on what, and where it keeps things (built by run.build_trainer)."""
+
+    model: torch.nn.Module  # a fresh head for the data's classes
+    data: Prepared
+    params: TrainParams
+    plan: FreezePlan
+    mean_std: tuple  # the backbone's input normalization
+    features: FeatureSpec  # the frozen-feature cache (used only where the strategy freezes a prefix)
+    checkpoint: Path | None = None  # None: a throwaway trainer (lr finder, the guard's probe) writes nothing
+    # val accuracy of the head alone on the same data, asked for by the divergence guard only when val
+    # accuracy sits at chance while body stages train (freezeflow.core.train.guard)
+    reference: Callable[[], float] | None = None
+
+
 class Trainer:
     """State of one training run; `run()` trains from the current epoch to the end.
 
@@ -144,31 +93,28 @@ class Trainer:
     its slice of every global batch through DistributedDataParallel; only rank 0 writes and reports.
     """
 
-    def __init__(self, model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
-                 split: dict[str, np.ndarray], params: TrainParams, plan: FreezePlan,
-                 mean_std: tuple, data_key: str, checkpoint: Path | None,
-                 feature_root: Path | None, callbacks: list | None = None,
-                 reference: Callable[[], float] | None = None):
-        """reference: val accuracy of the head alone on the same data, asked for by the divergence
-        guard only when val accuracy sits at chance while body stages train (freezeflow.core.train.guard)."""
-        self.params, self.plan, self.data_key = params, plan, data_key
-        self.reference, self.divergence = reference, None
+    def __init__(self, spec: TrainerSpec, callbacks: list[Callback] | None = None):
+        params, plan, data = spec.params, spec.plan, spec.data
+        self.params, self.plan, self.data_key = params, plan, data.key
+        self.reference, self.divergence = spec.reference, None
         self.world = distributed.current()
         distributed.check_batch_size(params.batch_size, self.world)
         self.device = resolve_device(params.device)
         self.amp = resolve_amp(params.amp, self.device)
-        self.model = model.to(self.device)
+        self.model = spec.model.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         if params.channels_last:  # faster convolutions on GPU and, measured here, ~1.5x on CPU too
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.images, self.labels, self.split = images, torch.from_numpy(labels), split
-        mean, std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in mean_std)
+        self.images, self.labels, self.split = data.images, torch.from_numpy(data.labels), data.split
+        mean, std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in spec.mean_std)
         self.normalize = lambda x: normalize_batch(x, mean, std)
-        self.checkpoint, self.callbacks = checkpoint, callbacks or []
+        self.checkpoint = spec.checkpoint
+        # progress bars, MLflow, Optuna run on rank 0 only: one report per run
+        self.callbacks = CallbackList((callbacks or ()) if self.world.is_main else ())
         if params.bn_adapt:
-            self.adapt_statistics(feature_root)
-        self.steps_per_epoch = max(1, len(split["train"]) // params.batch_size)
+            self.adapt_statistics(spec.features.root)
+        self.steps_per_epoch = max(1, len(self.split["train"]) // params.batch_size)
         self.total_steps = self.steps_per_epoch * params.epochs
         self.frozen = plan.frozen_count(0, 0.0)
         apply_freeze(self.model, self.frozen)
@@ -178,11 +124,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.plateau = PlateauState()
         self.epoch, self.step, self.history = 0, 0, []
-        self.best: dict = {"epoch": 0, "val_accuracy": -1.0, "state": None}
-        self.chance = chance_threshold(labels[split["val"]], int(self.model.classifier.out_features))
-        self.cache = self.make_cache(feature_root, params) if self.use_cache(params) else None
+        self.stopper = EarlyStopping(self.model, params.early_stopping)  # keeps the best epoch's weights
+        self.chance = chance_threshold(data.labels[self.split["val"]], int(self.model.classifier.out_features))
+        self.cache = FeatureCache(self.model, self.images, self.split, self.normalize, spec.features,
+                                  self.world) if self.use_cache(params) else None
         if self.cache is not None:
-            self.cache.progress = self.notify_feature_progress
+            self.cache.progress = self.callbacks.on_feature_progress
         if params.compile:
             for stage in self.model.stages:
                 stage.compile()
@@ -205,42 +152,16 @@ class Trainer:
         suffix = Suffix(self.model)
         return distributed.wrap_ddp(suffix, self.device) if self.world.enabled else suffix
 
-    def notify(self, event: str, *args) -> None:
-        """Callbacks (progress bars, MLflow, Optuna) run on rank 0 only: one report per run."""
-        if not self.world.is_main:
-            return
-        for cb in self.callbacks:
-            if hasattr(cb, event):
-                getattr(cb, event)(*args)
-
-    def notify_feature_progress(self, label: str, done: int, total: int) -> None:
-        self.notify("on_feature_progress", label, done, total)
-
     def use_cache(self, params: TrainParams) -> bool:
         deterministic = not params.augment.enabled or params.augment_views > 0
         if params.cache_features == "on" and not deterministic:
             raise UserError("params/train.yaml: cache_features: on needs deterministic inputs: set augment_views "
                             "> 0 (cached augmented views) or augment.enabled: false")
-        return params.cache_features != "off" and deterministic and self.plan.strategy != "none"
-
-    def make_cache(self, root: Path | None, params: TrainParams) -> FeatureCache:
-        def key_fn(k: int) -> str:
-            return f"{self.model.name}-L{k}-" + feature_key(self.data_key, self.model.name, params.weights, k,
-                                                             params.augment, params.augment_views, params.seed,
-                                                             params.bn_adapt)
-
-        run_root = self.checkpoint.parent / "run-features" if self.checkpoint else None
-        return FeatureCache(self.model, self.images, self.split, self.normalize, self.device, key_fn, root,
-                            params.feature_memory_mb, params.augment, params.augment_views, params.seed,
-                            run_root=run_root, world=self.world)
+        return params.cache_features != "off" and deterministic and not self.plan.trains_everything
 
     # ---- one epoch -------------------------------------------------------------------------
     def epoch_source(self) -> Batches:
-        if self.cache is not None and self.frozen > 0:
-            feats = self.cache.level(self.frozen)
-            view = self.epoch % feats["train"].shape[0]
-            return Batches(feats["train"], np.arange(len(self.split["train"])), self.frozen, view)
-        return Batches(self.images, self.split["train"], 0)
+        return train_batches(self.cache, self.images, self.split, self.frozen, self.epoch)
 
     def update_freezing(self, progress: float) -> None:
         self.apply_frozen(self.plan.frozen_count(self.epoch, progress))
@@ -311,7 +232,7 @@ class Trainer:
         local_batch = self.params.batch_size // self.world.size
         for x_cpu, chunk in prefetch(source, order, local_batch, self.device.type == "cuda"):
             wait += time.perf_counter() - t_ready
-            if self.plan.strategy == "freezeout":
+            if self.plan.updates_every_step:
                 self.update_freezing(self.step / self.total_steps)
             self.set_lrs(self.step / self.steps_per_epoch)
             y = self.labels[self.split["train"][chunk]].to(self.device, non_blocking=True)
@@ -339,12 +260,9 @@ class Trainer:
     def predict_split_logits(self, name: str) -> torch.Tensor:
         """Logits (N, classes) for a split, from cached features when the prefix is frozen."""
         self.model.eval()
-        level = self.frozen if self.cache is not None and self.frozen > 0 else 0
-        arrays = self.cache.level(level, (name,))[name] if level else self.images
-        rows = np.arange(len(self.split[name])) if level else self.split[name]
-        batches = Batches(arrays, rows, level)
-        out = []
-        for x_cpu, _ in prefetch(batches, np.arange(len(rows)), 512, self.device.type == "cuda"):
+        batches = split_batches(self.cache, self.images, self.split, self.frozen, name)
+        level, out = batches.level, []
+        for x_cpu, _ in prefetch(batches, np.arange(len(batches.rows)), 512, self.device.type == "cuda"):
             x = self.to_layout(x_cpu.to(self.device).float() if level else self.normalize(x_cpu.to(self.device)))
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                 out.append(self.model.forward_from(x, level).float().cpu())
@@ -360,6 +278,7 @@ class Trainer:
     # ---- the run -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
         stopped_early = False
+        self.callbacks.on_train_start()
         if self.epoch == 0 and self.cache is not None:
             with distributed.main_first():
                 if self.world.is_main:
@@ -378,18 +297,19 @@ class Trainer:
                                  self.steps_per_epoch * self.params.batch_size / seconds, wait / seconds,
                                  self.frozen, self.cache is not None and self.frozen > 0)
             self.history.append(report)
-            if val_acc > self.best["val_accuracy"]:
-                self.best = {"epoch": self.epoch, "val_accuracy": val_acc,
-                             "state": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
+            self.stopper.on_epoch_end(report)  # every rank, before the checkpoint that stores the best epoch
             self.save_checkpoint()
-            self.notify("on_epoch_end", report)
+            self.callbacks.on_epoch_end(report)
             self.check_chance()
-            if self.params.early_stopping and self.epoch - self.best["epoch"] >= self.params.early_stopping:
+            if self.stopper.should_stop:
                 stopped_early = True
                 break
-        return TrainResult(self.history, self.best["epoch"], self.best["val_accuracy"],
-                           sum(r.epoch_time_s for r in self.history), stopped_early,
-                           self.cache.builds if self.cache else 0, {"divergence": self.divergence})
+        best = self.stopper.best
+        result = TrainResult(self.history, best["epoch"], best["val_accuracy"],
+                             sum(r.epoch_time_s for r in self.history), stopped_early,
+                             self.cache.builds if self.cache else 0, {"divergence": self.divergence})
+        self.callbacks.on_train_end(result)
+        return result
 
     # ---- the divergence guard -------------------------------------------------------------------
     def peak_lrs(self) -> dict[str, float]:
@@ -402,7 +322,7 @@ class Trainer:
         comes from this run's head-only epochs (LP-FT) when it had any, else from a short probe."""
         head = self.plan.head
         tuned = [r for r in self.history if r.frozen_stages < head] or \
-            (self.history if self.plan.strategy == "head" else [])
+            ([] if self.plan.trains_body else self.history)
         if not self.params.guard_epochs or len(tuned) != self.params.guard_epochs or self.divergence:
             return
         val = self.history[-1].val_accuracy  # now, not the best: a head-only epoch may have been better
@@ -418,16 +338,15 @@ class Trainer:
 
     def report_divergence(self, message: str) -> None:
         self.divergence = message
-        self.notify("on_divergence", message)
+        self.callbacks.on_divergence(message)
 
     def restore_best(self) -> None:
-        if self.best["state"] is not None:
-            self.model.load_state_dict(self.best["state"])
+        self.stopper.restore()
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "version": 1,
+            "version": CHECKPOINT_VERSION,
             "fingerprint": params_fingerprint(self.params, self.data_key),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -438,10 +357,9 @@ class Trainer:
             # the level in memory: a trained prefix's next level grows from it (fp16), so a resume must too
             "feature_level": [self.cache.current[0], sorted(self.cache.current[1])]
             if self.cache and self.cache.current else None,
-            "history": [asdict(r) for r in self.history],
-            "best": self.best,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "history": history_rows(self.history),
+            "best": self.stopper.state_dict(),
+            "rng": rng_state(),
         }
 
     def save_checkpoint(self) -> None:
@@ -449,10 +367,7 @@ class Trainer:
             save_atomic(self.state_dict(), self.checkpoint)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = load_trusted(path)
-        if state.get("fingerprint") != params_fingerprint(self.params, self.data_key):
-            raise UserError(f"{path}: checkpoint was written with other params or data; run without --resume "
-                            "to start over (the old checkpoint is then replaced)")
+        state = read_checkpoint(path, params_fingerprint(self.params, self.data_key))
         self.model.load_state_dict(state["model"])
         self.frozen = state["frozen"]
         apply_freeze(self.model, self.frozen)
@@ -469,9 +384,7 @@ class Trainer:
             self.cache.mark_trained(state["trained_from"])
         if self.cache is not None and state.get("feature_level"):  # read back from disk, as it was
             self.cache.level(state["feature_level"][0], tuple(state["feature_level"][1]))
-        self.history = [EpochReport(**r) for r in state["history"]]
-        self.best = state["best"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.history = history_from_rows(state["history"])
+        self.stopper.load_state_dict(state["best"])
+        set_rng_state(state["rng"])
 
