@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from freezeflow.core.data.prepare import open_prepared
-from freezeflow.core.infer.evaluate import evaluate_model, predict_split
+from freezeflow.core.infer.evaluate import evaluate_model, predict_split_probabilities
 from freezeflow.core.layout import Layout
 from freezeflow.core.models.io import load_model
 from freezeflow.core.params import load_params
@@ -37,7 +37,7 @@ def test_early_stopping_saves_the_best_epochs_weights(project, shapes_dir):
     prepared = open_prepared(params, layout)
     assert evaluate_model(layout.models, prepared, "val")["accuracy"] == pytest.approx(best["val_accuracy"])
     model, info = load_model(layout.models)
-    probs = predict_split(model, info, prepared, "val")
+    probs = predict_split_probabilities(model, info, prepared, "val")
     y = prepared.labels[prepared.split["val"]]
     val_loss = float(-np.log(np.maximum(probs[np.arange(len(y)), y], 1e-30)).mean())
     assert val_loss == pytest.approx(best["val_loss"], rel=1e-3)  # the best epoch's weights, bit for bit in effect
