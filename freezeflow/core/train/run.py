@@ -65,10 +65,11 @@ def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks:
     model = build_backbone(params.train.backbone, params.train.weights, num_classes=len(prepared.classes))
     set_bn_momentum(list(model.stages), params.train.bn_momentum)
     plan = FreezePlan.from_params(params.train, len(model.stages))
-    run_root = layout.checkpoint.parent / "run-features" if checkpoint else None  # kept with the checkpoint
+    path = layout.checkpoint if checkpoint else None  # None: a layout or caller that writes no checkpoint
+    run_root = path.parent / "run-features" if path is not None else None  # kept with the checkpoint
     features = feature_spec(model.name, prepared.key, params.train, layout.features, run_root)
     spec = TrainerSpec(model, prepared, params.train, plan, normalization(params.train.backbone), features,
-                       layout.checkpoint if checkpoint else None, reference)
+                       path, reference)
     return Trainer(spec, callbacks)
 
 

@@ -15,13 +15,14 @@ import torch
 from freezeflow.core.io import load_trusted
 from freezeflow.core.layout import Layout
 from freezeflow.core.params import load_params
+from freezeflow.core.train.callbacks import Callback
 from freezeflow.core.train.run import main, run_training
 from tests.conftest import tiny_overrides
 
 TIMINGS = ("epoch_time_s", "train_time_s", "images_per_s", "data_wait_fraction")  # wall clock: differ by run
 
 
-class StopAfter:
+class StopAfter(Callback):
     """A crash right after epoch `epoch` was checkpointed."""
 
     def __init__(self, epoch: int):
