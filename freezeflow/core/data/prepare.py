@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from freezeflow.core.data.folders import scan_image_folder
+from freezeflow.core.data.folders import combine_digests, md5_file, scan_image_folder
 from freezeflow.core.errors import DataError
 from freezeflow.core.data.images import read_rgb
 from freezeflow.core.data.preprocess import resize_pixels
@@ -30,7 +31,10 @@ from freezeflow.core.layout import Layout, resolve_data_params
 from freezeflow.core.params import DataParams, Params, SplitParams
 from freezeflow.core.io import write_json_atomic
 
-PREPARE_VERSION = 1  # bump when the decode (images) or resize (preprocess) code changes: old caches then miss
+# Bump when the decode (images), resize (preprocess) or split code changes: old caches then miss.
+# 2: the split became a function of each file's content hash (it was a seeded permutation per class).
+PREPARE_VERSION = 2
+STAMP_VERSION = 2  # format of the per-file content-hash stamps in prepared/.hashes
 
 
 @dataclass(frozen=True)
@@ -51,24 +55,6 @@ class Prepared:
         return int(self.images.shape[-1])
 
 
-def fingerprint_files(files: list[Path], root: Path) -> list[list]:
-    """(relative path, size, mtime_ns) per file: lets us skip re-hashing unchanged data."""
-    out = []
-    for path in files:
-        st = path.stat()
-        out.append([path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
-    return out
-
-
-def hash_files(files: list[Path], root: Path) -> str:
-    """Content hash of the dataset: md5 over (relative path, md5 of bytes), sorted by path."""
-    digest = hashlib.md5()
-    for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
-        file_md5 = hashlib.md5(path.read_bytes()).hexdigest()
-        digest.update(f"{path.relative_to(root).as_posix()}\0{file_md5}\n".encode())
-    return digest.hexdigest()
-
-
 def compute_key(data_hash: str, params: DataParams) -> str:
     """Cache key: data content + every param that changes the prepared bytes or split."""
     split = params.split
@@ -77,37 +63,99 @@ def compute_key(data_hash: str, params: DataParams) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def split_stratified(labels: np.ndarray, split: SplitParams, classes: list[str]) -> dict[str, np.ndarray]:
-    """Deterministic stratified split; every class appears in train, val and test."""
-    rng = np.random.default_rng(split.seed)
+# --- content hashes --------------------------------------------------------------------------------
+
+def resolve_digests(root: Path, files: list[Path], cache_dir: Path) -> tuple[str, list[str]]:
+    """(data hash, md5 of each file's bytes); a file is re-read only when its size or mtime changed.
+
+    The per-file md5s are kept in one stamp per dataset folder (as DVC does), so a grown dataset
+    reads only its new files. The data hash is hash_folder's: md5 over (posix path, md5) pairs.
+    """
+    stamp = cache_dir / f"{hashlib.md5(str(root.resolve()).encode()).hexdigest()}.hash.json"
+    saved = read_stamp(stamp)
+    entries, digests, changed = {}, [], False
+    for path in files:
+        rel, st = path.relative_to(root).as_posix(), path.stat()
+        known = saved.get(rel)
+        if known and known[:2] == [st.st_size, st.st_mtime_ns]:
+            file_md5 = known[2]
+        else:
+            file_md5, changed = md5_file(path), True
+        entries[rel] = [st.st_size, st.st_mtime_ns, file_md5]
+        digests.append(file_md5)
+    if changed or set(entries) != set(saved):
+        write_json_atomic(stamp, {"version": STAMP_VERSION, "files": entries})
+    return combine_digests([(rel, entry[2]) for rel, entry in entries.items()]), digests
+
+
+def read_stamp(stamp: Path) -> dict[str, list]:
+    """posix path -> [size, mtime_ns, md5] from a stamp; {} when absent, unreadable or of an older format."""
+    try:
+        saved = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved.get("files", {}) if saved.get("version") == STAMP_VERSION else {}
+
+
+# --- the split: a pure function of each file's content ------------------------------------------------
+
+def content_position(digest: str, seed: int) -> float:
+    """u in [0, 1) of a file's content: md5 of "seed:md5 of its bytes" as a fraction of 2**128."""
+    return int(hashlib.md5(f"{seed}:{digest}".encode()).hexdigest(), 16) / 2 ** 128
+
+
+def split_bounds(split: SplitParams) -> dict[str, tuple[float, float]]:
+    """The interval of u each split takes: test first, then val, the rest train."""
+    return {"test": (0.0, split.test), "val": (split.test, split.test + split.val),
+            "train": (split.test + split.val, 1.0)}
+
+
+def split_of(u: float, split: SplitParams) -> str:
+    return next(name for name, (lo, hi) in split_bounds(split).items() if lo <= u < hi)
+
+
+def split_stratified(labels: np.ndarray, digests: list[str], split: SplitParams,
+                     classes: list[str]) -> dict[str, np.ndarray]:
+    """Each file's split from its content alone; every class appears in train, val and test.
+
+    A file's split depends only on the md5 of its bytes, split.seed and the val/test fractions:
+    adding, removing or renaming other files never moves it, and identical files share a split.
+    """
     parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for label, name in enumerate(classes):
-        idx = np.flatnonzero(labels == label)
-        if len(idx) < 3:
-            raise DataError(f"class folder '{name}' has {len(idx)} usable images: every class needs at least 3 "
-                            "(one each for train, val and test)")
-        idx = idx[rng.permutation(len(idx))]
-        n_val = max(1, int(round(len(idx) * split.val)))
-        n_test = max(1, int(round(len(idx) * split.test)))
-        n_val, n_test = min(n_val, len(idx) - 2), min(n_test, len(idx) - 2)
-        parts["val"] += idx[:n_val].tolist()
-        parts["test"] += idx[n_val:n_val + n_test].tolist()
-        parts["train"] += idx[n_val + n_test:].tolist()
+        rows: dict[str, list[int]] = {}  # md5 -> this class's rows with those bytes
+        for row in np.flatnonzero(labels == label).tolist():
+            rows.setdefault(digests[row], []).append(row)
+        if len(rows) < 3:
+            copies = " (identical files count once)" if len(rows) < np.sum(labels == label) else ""
+            raise DataError(f"class folder '{name}' has {len(rows)} usable images{copies}: every class needs "
+                            "at least 3 (one each for train, val and test)")
+        where = assign_class({d: content_position(d, split.seed) for d in rows}, split)
+        for digest, part in where.items():
+            parts[part] += rows[digest]
     return {name: np.array(sorted(ix), dtype=np.int64) for name, ix in parts.items()}
 
 
-def resolve_data_hash(root: Path, files: list[Path], cache_dir: Path) -> str:
-    """Content hash, re-read only when a file's size or mtime changed (as DVC does)."""
-    fp = fingerprint_files(files, root)
-    stamp = cache_dir / f"{hashlib.md5(str(root.resolve()).encode()).hexdigest()}.hash.json"
-    if stamp.exists():
-        saved = json.loads(stamp.read_text())
-        if saved.get("files") == fp:
-            return saved["hash"]
-    data_hash = hash_files(files, root)
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(stamp, {"files": fp, "hash": data_hash})
-    return data_hash
+def assign_class(positions: dict[str, float], split: SplitParams) -> dict[str, str]:
+    """md5 -> split for one class's distinct contents (at least 3).
+
+    The rule is split_of(u). The one exception, for tiny classes: a split the rule leaves empty
+    takes the content nearest its interval (the smallest u, for val and test) from train, or, if
+    train has only one, from the other split with two or more. Such a file can move back when its
+    class grows and the rule fills that split by itself.
+    """
+    where = {digest: split_of(u, split) for digest, u in positions.items()}
+    bounds = split_bounds(split)
+    donors_for = {"test": ("train", "val"), "val": ("train", "test"), "train": ("val", "test")}
+    for missing in ("test", "val", "train"):
+        counts = Counter(where.values())
+        if counts[missing]:
+            continue
+        donor = next(part for part in donors_for[missing] if counts[part] >= 2)
+        lo, hi = bounds[missing]
+        gap = lambda d: max(lo - positions[d], positions[d] - hi, 0.0)  # noqa: E731 - distance of u to [lo, hi)
+        where[min((d for d in where if where[d] == donor), key=lambda d: (gap(d), d))] = missing
+    return where
 
 
 def prepare_dataset(params: DataParams, out_root: Path = Path("prepared"),
@@ -116,13 +164,13 @@ def prepare_dataset(params: DataParams, out_root: Path = Path("prepared"),
     root = Path(params.dir)
     classes, items = scan_image_folder(root)
     files = [path for path, _ in items]
-    data_hash = resolve_data_hash(root, files, out_root / ".hashes")
+    data_hash, digests = resolve_digests(root, files, out_root / ".hashes")
     key = compute_key(data_hash, params)
     name = root.resolve().name
     target = out_root / name / key
     if (target / "manifest.json").exists():
         return load_prepared(target)
-    build_prepared(root, classes, items, params, data_hash, key, target, progress)
+    build_prepared(root, classes, items, digests, params, data_hash, key, target, progress)
     return load_prepared(target)
 
 
@@ -149,8 +197,8 @@ def decode_all(items: list[tuple[Path, int]], params: DataParams, images: np.nda
     return skipped
 
 
-def build_prepared(root: Path, classes: list[str], items: list[tuple[Path, int]], params: DataParams,
-                   data_hash: str, key: str, target: Path,
+def build_prepared(root: Path, classes: list[str], items: list[tuple[Path, int]], digests: list[str],
+                   params: DataParams, data_hash: str, key: str, target: Path,
                    progress: Callable[[int, int], None] | None) -> None:
     """Write arrays + manifest into a temp folder, then rename it into place (never half-written)."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -174,10 +222,11 @@ def build_prepared(root: Path, classes: list[str], items: list[tuple[Path, int]]
             images.flush()
             del images
         np.save(tmp / "labels.npy", labels)
-        split = split_stratified(labels, params.split, classes)
+        kept_digests = [digests[i] for i in keep]
+        split = split_stratified(labels, kept_digests, params.split, classes)
         manifest = {
             "key": key, "data_hash": data_hash, "dir": str(root), "classes": classes,
-            "files": [items[i][0].relative_to(root).as_posix() for i in keep],
+            "files": [items[i][0].relative_to(root).as_posix() for i in keep], "digests": kept_digests,
             "split": {k: v.tolist() for k, v in split.items()},
             "image_size": size, "skipped": skipped,
         }
