@@ -1,11 +1,16 @@
-"""prepare: decode and resize every image once into memory-mappable uint8 arrays, plus a split manifest.
+"""prepare: decode and resize each image content once into memory-mappable uint8 arrays, plus a split manifest.
 
-Layout of one prepared dataset (`prepared/<dataset>/<key>/`):
+Layout of one prepared dataset (`prepared/<dataset>/<key>/`, the view training reads):
     images.npy    uint8 (N, 3, S, S): channel-first so torch.from_numpy gives model-ready tensors
     labels.npy    int64 (N,)
-    manifest.json classes, files, split indices, data hash, key, skipped files
+    manifest.json classes, files, md5 per file, split indices, data hash, key, skipped files,
+                  decoded (files this build decoded)
 The key hashes the data's content hash with the preprocessing params, so a changed image or a
-new image_size gives a new folder and training never decodes an image file again.
+new image_size gives a new folder. The decoded rows themselves live in the pixel store
+(pixels.py, keyed by each file's md5): a new view copies its rows from there and decodes only
+contents the store lacks, so a grown dataset decodes its new files and a relabelled one nothing.
+Each file's md5 is read once (prepared/.hashes keeps them per size and mtime) and serves the data
+hash, the split and the store.
 """
 
 from __future__ import annotations
@@ -16,22 +21,21 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from freezeflow.core.data import pixels
 from freezeflow.core.data.folders import combine_digests, md5_file, scan_image_folder
 from freezeflow.core.errors import DataError
-from freezeflow.core.data.images import read_rgb
-from freezeflow.core.data.preprocess import resize_pixels
 from freezeflow.core.layout import Layout, resolve_data_params
 from freezeflow.core.params import DataParams, Params, SplitParams
 from freezeflow.core.io import write_json_atomic
 
-# Bump when the decode (images), resize (preprocess) or split code changes: old caches then miss.
+# Bump when the split or the view's layout changes: old views then miss (the decode code has its
+# own pixels.DECODE_VERSION, part of the key too).
 # 2: the split became a function of each file's content hash (it was a seeded permutation per class).
 PREPARE_VERSION = 2
 STAMP_VERSION = 2  # format of the per-file content-hash stamps in prepared/.hashes
@@ -49,6 +53,7 @@ class Prepared:
     data_hash: str
     key: str
     name: str
+    decoded: int = 0  # files decoded by the prepare call that returned this (0: all from the store)
 
     @property
     def image_size(self) -> int:
@@ -58,7 +63,7 @@ class Prepared:
 def compute_key(data_hash: str, params: DataParams) -> str:
     """Cache key: data content + every param that changes the prepared bytes or split."""
     split = params.split
-    blob = json.dumps([PREPARE_VERSION, data_hash, params.image_size, split.val, split.test, split.seed,
+    blob = json.dumps([PREPARE_VERSION, pixels.DECODE_VERSION, data_hash, params.image_size, split.val, split.test, split.seed,
                        params.max_pixels, params.min_side])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -160,75 +165,85 @@ def assign_class(positions: dict[str, float], split: SplitParams) -> dict[str, s
 
 def prepare_dataset(params: DataParams, out_root: Path = Path("prepared"),
                     progress: Callable[[int, int], None] | None = None) -> Prepared:
-    """Decode + resize once; reuse the prepared arrays when data and params are unchanged."""
-    root = Path(params.dir)
+    """Decode + resize only contents the pixel store lacks; reuse the prepared arrays when nothing changed.
+
+    `prepared.decoded` counts the files decoded by this call (0 on a cache hit, M after M new files).
+    """
+    root, out_root = Path(params.dir), Path(out_root)
     classes, items = scan_image_folder(root)
-    files = [path for path, _ in items]
-    data_hash, digests = resolve_digests(root, files, out_root / ".hashes")
+    data_hash, digests = resolve_digests(root, [path for path, _ in items], out_root / ".hashes")
     key = compute_key(data_hash, params)
-    name = root.resolve().name
-    target = out_root / name / key
+    target = out_root / root.resolve().name / key
     if (target / "manifest.json").exists():
         return load_prepared(target)
-    build_prepared(root, classes, items, digests, params, data_hash, key, target, progress)
-    return load_prepared(target)
+    store = pixels.store_dir(out_root, params)
+    with pixels.store_lock(store) as exclusive:  # one writer per store: parallel prepares decode once
+        if (target / "manifest.json").exists():  # built by the writer we waited for
+            return load_prepared(target)
+        if exclusive:
+            pixels.remove_orphans(store)
+            remove_stale_views(target)
+        todo = missing_contents(items, digests, pixels.read_index(store))
+        decoded = pixels.decode_missing(store, todo, params, progress)
+        build_prepared(root, classes, items, digests, pixels.read_index(store), store,
+                       Meta(params, data_hash, key, decoded), target)
+    return replace(load_prepared(target), decoded=decoded)
 
 
-def decode_all(items: list[tuple[Path, int]], params: DataParams, images: np.ndarray,
-               progress: Callable[[int, int], None] | None) -> list[dict]:
-    """Fill `images` (N, 3, S, S) in place with threads (PIL releases the GIL while decoding)."""
-    skipped: list[dict] = []
+def missing_contents(items: list[tuple[Path, int]], digests: list[str],
+                     index: pixels.StoreIndex) -> list[tuple[Path, str]]:
+    """(first file, md5) of each content the store has never seen: identical files decode once."""
+    todo: dict[str, Path] = {}
+    for (path, _), digest in zip(items, digests):
+        if not index.knows(digest):
+            todo.setdefault(digest, path)
+    return [(path, digest) for digest, path in todo.items()]
 
-    def decode_one(i: int) -> dict | None:
-        path = items[i][0]
-        img, reason = read_rgb(path, params.max_pixels, params.min_side)  # one decode per file
-        if img is None:
-            return {"file": str(path), "reason": reason}
-        images[i] = resize_pixels(img, params.image_size)  # (3, S, S)
-        return None
 
-    workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
-        for done, result in enumerate(pool.map(decode_one, range(len(items))), 1):
-            if result:
-                skipped.append(result)
-            if progress:
-                progress(done, len(items))
-    return skipped
+@dataclass(frozen=True)
+class Meta:
+    """What a prepared view records beside its arrays."""
+
+    params: DataParams
+    data_hash: str
+    key: str
+    decoded: int
+
+
+def remove_stale_views(target: Path) -> None:
+    """Temp folders of `target` that a killed prepare left (call under the store lock: same key, same store)."""
+    for path in target.parent.glob(f".tmp-{target.name}-*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def build_prepared(root: Path, classes: list[str], items: list[tuple[Path, int]], digests: list[str],
-                   params: DataParams, data_hash: str, key: str, target: Path,
-                   progress: Callable[[int, int], None] | None) -> None:
-    """Write arrays + manifest into a temp folder, then rename it into place (never half-written)."""
+                   index: pixels.StoreIndex, store: Path, meta: Meta, target: Path) -> None:
+    """Copy the dataset's rows out of the store into a temp folder, then rename it into place.
+
+    The view is one contiguous images.npy, so training reads (N, 3, S, S) as before; copying rows
+    decodes nothing. Files the store marks unusable are listed in the manifest and left out.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
-        size = params.image_size
+        keep = [i for i, digest in enumerate(digests) if digest in index.rows]
+        skipped = [{"file": str(items[i][0]), "reason": index.skipped.get(digests[i], "unreadable")}
+                   for i, digest in enumerate(digests) if digest not in index.rows]
+        size = meta.params.image_size
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
-                                           shape=(len(items), 3, size, size))
-        skipped = decode_all(items, params, images, progress)
-        bad = {s["file"] for s in skipped}
-        keep = np.array([i for i, (p, _) in enumerate(items) if str(p) not in bad], dtype=np.int64)
+                                           shape=(len(keep), 3, size, size))
+        pixels.copy_rows(store, [index.rows[digests[i]] for i in keep], images)
+        images.flush()
+        del images
         labels = np.array([items[i][1] for i in keep], dtype=np.int64)
-        if len(keep) < len(items):  # compact: drop rows of skipped files
-            compact = np.lib.format.open_memmap(tmp / "images.tmp.npy", mode="w+", dtype=np.uint8,
-                                                shape=(len(keep), 3, size, size))
-            compact[:] = images[keep]
-            compact.flush()
-            del images, compact
-            os.replace(tmp / "images.tmp.npy", tmp / "images.npy")
-        else:
-            images.flush()
-            del images
         np.save(tmp / "labels.npy", labels)
         kept_digests = [digests[i] for i in keep]
-        split = split_stratified(labels, kept_digests, params.split, classes)
+        split = split_stratified(labels, kept_digests, meta.params.split, classes)
         manifest = {
-            "key": key, "data_hash": data_hash, "dir": str(root), "classes": classes,
+            "key": meta.key, "data_hash": meta.data_hash, "dir": str(root), "classes": classes,
             "files": [items[i][0].relative_to(root).as_posix() for i in keep], "digests": kept_digests,
             "split": {k: v.tolist() for k, v in split.items()},
-            "image_size": size, "skipped": skipped,
+            "image_size": size, "skipped": skipped, "decoded": meta.decoded, "pixels": store.name,
         }
         write_json_atomic(tmp / "manifest.json", manifest)
         os.replace(tmp, target)
