@@ -65,12 +65,56 @@ BATCH_LIMIT = 100  # MLflow accepts at most 100 params per log_batch call
 # ---- where ---------------------------------------------------------------------------------------
 
 def resolve_tracking_uri(root: Path) -> str:
-    """`MLFLOW_TRACKING_URI` if set, else a sqlite file under <root>/mlflow/ (folder created)."""
+    """`MLFLOW_TRACKING_URI` if set, else a sqlite file under <root>/mlflow/ (folder created); a sqlite
+    store is created and migrated here, once, under a file lock (see ensure_store)."""
     if os.environ.get(ENV_URI):
-        return os.environ[ENV_URI]
+        return ensure_store(os.environ[ENV_URI])
     folder = Path(root).resolve() / "mlflow"
     folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}"
+    return ensure_store(f"sqlite:///{folder / 'mlflow.db'}")
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` URI; None for other stores and in-memory sqlite."""
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///:memory:"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?")[0])
+
+
+@contextlib.contextmanager
+def store_lock(db: Path) -> Iterator[None]:
+    """An exclusive inter-process lock on `<db>.lock`, beside the database (released when the block ends
+    or the process dies). Where fcntl does not exist (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+READY_STORES: set[str] = set()  # sqlite stores this process has created or found up to date
+
+
+def ensure_store(uri: str) -> str:
+    """Create and migrate a sqlite store's tables (tracking and registry) under `store_lock`, once per
+    process: two processes starting on a fresh store would otherwise both create the same tables and
+    one dies (`table ... already exists`, or an alembic version mismatch). Returns `uri`."""
+    db = sqlite_file(uri)
+    if db is None or uri in READY_STORES:
+        return uri
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with store_lock(db):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # the tracking store: tables created, then migrated
+        client.search_registered_models(max_results=1)  # the registry store on the same database
+    READY_STORES.add(uri)
+    return uri
 
 
 def resolve_artifact_location(uri: str, root: Path) -> str | None:
@@ -120,8 +164,8 @@ def current_uri(tracking_uri: str | None = None, root: Path = Path(".")) -> str:
     mlflow.set_tracking_uri, else the project's default store under `root`."""
     from mlflow.tracking._tracking_service import utils as service_utils
 
-    return (tracking_uri or os.environ.get(ENV_URI) or getattr(service_utils, "_tracking_uri", None)
-            or resolve_tracking_uri(root))
+    uri = tracking_uri or os.environ.get(ENV_URI) or getattr(service_utils, "_tracking_uri", None)
+    return ensure_store(uri) if uri else resolve_tracking_uri(root)
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
