@@ -2,7 +2,8 @@
 
 `tracked_training` wraps `freezeflow.core.train.run.run_training` in an MLflow run: every resolved param,
 per-epoch metrics (step = epoch), lineage tags (data hash, git commit, Prefect flow run, device,
-library versions), totals, reports, plots and the model (MLflow pytorch flavor in the safe `pt2`
+library versions), the dataset as an MLflow dataset input (name, DVC md5 or content hash, folder, split counts),
+totals, reports, plots and the model (MLflow pytorch flavor in the safe `pt2`
 format, plus `model.json` and weights-only `weights/model.pt` next to it: what registry.py registers
 and loads back).
 
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -35,6 +37,8 @@ import mlflow
 import numpy as np
 import torch
 import torchvision
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -49,7 +53,7 @@ from freezeflow.integrations.plots import (history_rows, plot_confusion, plot_ep
 from freezeflow.core.data.preprocess import normalize_batch
 from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.data.prepare import open_prepared
-from freezeflow.core.layout import Layout, dataset_name
+from freezeflow.core.layout import Layout, dataset_name, resolve_data_params
 from freezeflow.core.train.run import run_training
 from freezeflow.integrations.secrets import first_line_masked
 
@@ -437,13 +441,53 @@ def log_model_files(client: MlflowClient, run_id: str, layout: Layout, prepared:
     return model_info.model_id
 
 
+# ---- the dataset -------------------------------------------------------------------------------
+
+def split_counts(prepared: Prepared) -> dict[str, int]:
+    """Images and classes of the prepared dataset, and images per split."""
+    return {"images": int(len(prepared.labels)), "classes": len(prepared.classes),
+            **{split: int(len(rows)) for split, rows in prepared.split.items()}}
+
+
+class PreparedDataset(MetaDataset):
+    """A MetaDataset (metadata only: MLflow never copies the images) with a profile, which MetaDataset lacks."""
+
+    def __init__(self, source, name: str, digest: str, profile: dict[str, int]):
+        self._profile = profile
+        super().__init__(source, name=name, digest=digest)
+
+    @property
+    def profile(self) -> dict[str, int]:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return super().to_dict() | {"profile": json.dumps(self._profile)}
+
+
+def dataset_of(prepared: Prepared, data_dir: Path, dvc_md5: str | None) -> PreparedDataset:
+    """The run's input for the runs table's Dataset column: name = the dataset, digest = the DVC md5 when
+    the data is tracked (else the content hash), source = the data folder, profile = split_counts."""
+    with warnings.catch_warnings():  # a local path resolves through two equivalent registered sources
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(Path(data_dir).resolve()))
+    return PreparedDataset(source, prepared.name, dvc_md5 or prepared.data_hash, split_counts(prepared))
+
+
+def log_dataset(prepared: Prepared, data_dir: Path, dvc_md5: str | None) -> None:
+    """The dataset as the active run's input (context `training`), split counts also as input tags."""
+    tags = {"data_hash": prepared.data_hash, **{f"{k}_images": str(v) for k, v in split_counts(prepared).items()
+                                                if k in prepared.split}}
+    mlflow.log_input(dataset_of(prepared, data_dir, dvc_md5), context="training", tags=tags)
+
+
 def finish_run(client: MlflowClient, run_id: str, callback: MlflowCallback, metrics: dict,
-               layout: Layout, params: Params) -> dict:
+               layout: Layout, params: Params, dvc_md5: str | None = None) -> dict:
     """Everything logged after a successful training; returns the val evaluation."""
     client.set_tag(run_id, "data_hash", metrics["data_hash"])
     history = history_rows(json.loads((layout.reports / "history.json").read_text()))
     backfill_epochs(callback, history)
     prepared = open_prepared(params, layout)  # the data training used: a cache hit
+    log_dataset(prepared, resolve_data_params(params, layout.root).data.dir, dvc_md5)
     val_report = log_reports(client, run_id, layout, prepared, history)
     totals = total_metrics(metrics) | {"val_macro_f1": val_report["macro_f1"]}
     log_totals(client, run_id, totals)
@@ -475,7 +519,8 @@ def tracked_training(params: Params, root: Path = Path("."), resume: bool = Fals
             log_params(client, run_id, params)
             callback = MlflowCallback(run_id, client=client)
             metrics = run_training(params, root, resume, callbacks=[callback, *callbacks])
-            finish_run(client, run_id, callback, metrics, Layout(root), params)
+            finish_run(client, run_id, callback, metrics, Layout(root), params,
+                       (extra_tags or {}).get("dvc_data_md5"))
         except KeyboardInterrupt:
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise
