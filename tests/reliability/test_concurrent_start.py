@@ -35,3 +35,4 @@ def test_two_trainings_started_at_once_both_finish_in_one_fresh_store(project: P
     experiment = client.get_experiment_by_name("shapes")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert [len(r.inputs.dataset_inputs) for r in runs] == [1, 1]  # each logged its dataset
