@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlparse
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from freezeflow.app.steps import register_step
 from freezeflow.core.data.images import decode_rgb
 from freezeflow.core.data.prepare import open_prepared
 from freezeflow.core.data.preprocess import preprocess_images
@@ -139,7 +141,7 @@ def write_other_classes(folder: Path, per_class: int = 12) -> Path:
 @pytest.fixture(scope="module")
 def gate_project(tmp_path_factory):
     """Real runs in one sqlite store: `weak` (1 epoch at lr 1e-6: chance level) on the first data, `victim`
-    (1 epoch) on it too, then the data grows (a new val split) and `strong` (4 epochs) trains on it; `other`
+    (1 epoch) and `wide` (1 epoch at 40 px) on it too, then the data grows (a new val split) and `strong` (4 epochs) trains on it; `other`
     trains on a dataset whose class set changed. Their prepared data: old, new, other."""
     root = tmp_path_factory.mktemp("gate")
     data = write_figures_dataset(root / "data" / "figs")
@@ -151,17 +153,19 @@ def gate_project(tmp_path_factory):
     def train(name: str, data_dir: Path, *sets: str):
         params = load_params(root / "params", [*base, f"data.dir={data_dir}", *sets])
         run_id = tracked_training(params, root, run_name=name)["run_id"]
-        return run_id, open_prepared(params, Layout(root))
+        return run_id, open_prepared(params, Layout(root)), params
 
     with pytest.MonkeyPatch.context() as mp, tracking_scope(store_uri(root)):
         mp.setenv("MLFLOW_TRACKING_URI", store_uri(root))
-        weak, old = train("weak", data, "train.epochs=1", "train.lr=0.000001")
-        victim, _ = train("victim", data, "train.epochs=1")
+        weak, old, _ = train("weak", data, "train.epochs=1", "train.lr=0.000001")
+        victim, _, _ = train("victim", data, "train.epochs=1")
+        wide, old_40, _ = train("wide", data, "train.epochs=1", "data.image_size=40")
         add_figures(data, 8, seed=1)
-        strong, new = train("strong", data, "train.epochs=4", "train.lr=0.01")
-        other, other_prepared = train("other", write_other_classes(root / "data" / "other"), "train.epochs=1")
-        yield SimpleNamespace(root=root, uri=store_uri(root), weak=weak, victim=victim, strong=strong,
-                              other=other, old=old, new=new, other_prepared=other_prepared)
+        strong, new, strong_params = train("strong", data, "train.epochs=4", "train.lr=0.01")
+        other, other_prepared, _ = train("other", write_other_classes(root / "data" / "other"), "train.epochs=1")
+        yield SimpleNamespace(root=root, uri=store_uri(root), weak=weak, victim=victim, wide=wide, strong=strong,
+                              other=other, old=old, old_40=old_40, new=new, other_prepared=other_prepared,
+                              strong_params=strong_params)
 
 
 def val_files(prepared) -> set[str]:
@@ -228,6 +232,23 @@ def test_champion_with_missing_artifacts_gives_a_one_line_reason(gate_project):
     assert kept["reason"].startswith(f"champion v{first['version']} cannot be re-scored (")
     assert kept["reason"].endswith("the new model stays challenger")
     assert str(client.get_model_version_by_alias("gate-missing", "champion").version) == first["version"]
+
+
+def test_champion_of_another_image_size_is_scored_on_the_same_val_files_at_its_size(gate_project):
+    g = gate_project
+    first = promote_or_keep(g.wide, "figs", g.old_40, tracking_uri=g.uri)  # the dataset's name: register_step's
+    # without a way to prepare the data at 40 px the champion cannot be scored: kept, one line
+    kept = promote_or_keep(g.strong, "figs", g.new, tracking_uri=g.uri)
+    assert kept["alias"] == "challenger" and "\n" not in kept["reason"]
+    assert kept["reason"].startswith(f"champion v{first['version']} cannot be scored on this data (")
+    # the step prepares the same files at the champion's size: the same val split, scored at 40 px
+    result = register_step(g.strong_params, g.root, g.strong, margin=1.0)
+    new_40 = open_prepared(replace(g.strong_params, data=replace(g.strong_params.data, image_size=40)),
+                           Layout(g.root))
+    champion = load_registered(f"models:/figs/{first['version']}", g.uri)
+    assert result["champion_val_accuracy"] == pytest.approx(evaluate_model(champion, new_40, "val")["accuracy"])
+    assert result["val_split_hash"] == val_split_hash(new_40) == val_split_hash(g.new)
+    assert result["alias"] == "challenger" and result["reason"].endswith("by more than 1.0")
 
 
 def test_every_training_run_logs_its_dataset_as_an_input(gate_project):
