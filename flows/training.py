@@ -13,8 +13,9 @@ from tasks.train import evaluate_task, register_task, train_task
 @flow(name="training_pipeline", log_prints=True)
 def training_pipeline(params_dir: str = "params", overrides: list[str] | None = None, tune: bool = False,
                       allow_dirty_data: bool = False, root: str = ".", promote_margin: float = 0.0,
-                      register_model: bool = True) -> dict:
-    """The whole pipeline on the project at `root`; returns metrics, eval and registry decision."""
+                      register_model: bool = True, force_promotion: bool = False) -> dict:
+    """The whole pipeline on the project at `root`; returns metrics, eval and registry decision.
+    `force_promotion` makes the new model champion whatever the gate says (the reason still says it)."""
     root = str(Path(root).resolve())
     overrides = list(overrides or [])
     params_dir = str(Path(root) / params_dir) if not Path(params_dir).is_absolute() else params_dir
@@ -29,7 +30,7 @@ def training_pipeline(params_dir: str = "params", overrides: list[str] | None = 
     evaluation = evaluate_task(root, params_dir, overrides)
     decision = None
     if register_model:
-        decision = register_task(root, metrics["run_id"], metrics["dataset"], metrics["val_accuracy"], promote_margin)
+        decision = register_task(root, params_dir, overrides, metrics["run_id"], promote_margin, force_promotion)
     record_dvc_lock(root)
     return {"prepared": prepared, "metrics": {k: metrics[k] for k in ("val_accuracy", "test_accuracy",
                                                                         "train_time_s", "run_id")},

@@ -8,7 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from freezeflow.core.params import load_params
-from freezeflow.app.steps import evaluate_step, train_step
+from freezeflow.app.steps import evaluate_step, register_step, train_step
 
 
 def flow_run_tags() -> dict:
@@ -33,10 +33,8 @@ def evaluate_task(root: str, params_dir: str, overrides: list[str]) -> dict:
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=NO_CACHE)
-def register_task(root: str, run_id: str, name: str, val_accuracy: float, margin: float = 0.0,
+def register_task(root: str, params_dir: str, overrides: list[str], run_id: str, margin: float = 0.0,
                   force: bool = False) -> dict:
-    """Register the run's model; promote it to `champion` only if it beats the champion by `margin`."""
-    from freezeflow.integrations.registry import promote_or_keep
-    from freezeflow.integrations.tracking import resolve_tracking_uri
-
-    return promote_or_keep(run_id, name, val_accuracy, margin, force, resolve_tracking_uri(Path(root)))
+    """Register the run's model; promote it to `champion` only if it beats the champion (re-scored on the
+    run's val split) by `margin`, or when `force`."""
+    return register_step(load_params(params_dir, overrides), Path(root), run_id, margin, force)

@@ -196,7 +196,9 @@ def predict(paths: List[Path] = typer.Argument(..., help="Image files or folders
 @app.command()
 def pipeline(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=SET_HELP),
              tune: bool = typer.Option(False, help="Run the Optuna study before training."),
-             allow_dirty_data: bool = typer.Option(False, help="Train even if data/ differs from data.dvc.")) -> None:
+             allow_dirty_data: bool = typer.Option(False, help="Train even if data/ differs from data.dvc."),
+             force: bool = typer.Option(False, "--force", help="Promote the new model to champion even if it does "
+                                        "not beat the champion or the class set changed.")) -> None:
     """Run the Prefect flow: check_data -> prepare -> (tune) -> train -> evaluate -> register.
 
     Example: freezeflow pipeline -S train.epochs=5
@@ -204,7 +206,7 @@ def pipeline(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=
     from flows.training import training_pipeline
 
     result = training_pipeline(params_dir=str(ROOT / "params"), overrides=list(sets or []), tune=tune,
-                               allow_dirty_data=allow_dirty_data, root=str(ROOT.resolve()))
+                               allow_dirty_data=allow_dirty_data, root=str(ROOT.resolve()), force_promotion=force)
     echo(json.dumps(result, indent=2))
 
 

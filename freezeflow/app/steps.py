@@ -118,6 +118,24 @@ def evaluate_step(params: Params, root: Path, model_uri: str | None = None) -> d
     return report
 
 
+def register_step(params: Params, root: Path, run_id: str, margin: float = 0.0, force: bool = False) -> dict:
+    """Register the run's model; promote it only if it beats the champion, both scored on the run's val split."""
+    from dataclasses import replace
+
+    from freezeflow.core.layout import dataset_name
+    from freezeflow.integrations.registry import promote_or_keep
+    from freezeflow.integrations.tracking import resolve_tracking_uri
+
+    params = resolve_data_params(params, root)
+    prepared = prepare_step(params, root)  # the data the run trained on: a cache hit
+
+    def prepared_at(size: int):  # the same files at a champion's other image size (same split: seed, labels)
+        return prepare_step(replace(params, data=replace(params.data, image_size=size)), root)
+
+    return promote_or_keep(run_id, dataset_name(params, root), prepared, margin, force, resolve_tracking_uri(root),
+                           prepared_at)
+
+
 def predict_step(root: Path, paths: list[Path], model_uri: str | None = None) -> list[dict]:
     from freezeflow.core.models.io import load_model
     from freezeflow.core.infer.predict import predict_files

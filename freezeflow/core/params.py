@@ -49,7 +49,7 @@ def auto_or_bounded(default: Any, lo: float, hi: float, doc: str) -> Any:
 class SplitParams:
     val: float = bounded(0.15, 0.0, 0.5, "fraction of each class held out for validation", lo_open=True)
     test: float = bounded(0.15, 0.0, 0.5, "fraction of each class held out for the final test", lo_open=True)
-    seed: int = bounded(0, 0, None, "seed of the stratified split")
+    seed: int = bounded(0, 0, None, "seed of the split, which hashes each file's bytes (see README: Data)")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 `tracked_training` wraps `freezeflow.core.train.run.run_training` in an MLflow run: every resolved param,
 per-epoch metrics (step = epoch), lineage tags (data hash, git commit, Prefect flow run, device,
-library versions), totals, reports, plots and the model (MLflow pytorch flavor in the safe `pt2`
+library versions), the dataset as an MLflow dataset input (name, DVC md5 or content hash, folder, split counts),
+totals, reports, plots and the model (MLflow pytorch flavor in the safe `pt2`
 format, plus `model.json` and weights-only `weights/model.pt` next to it: what registry.py registers
 and loads back).
 
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -35,6 +37,8 @@ import mlflow
 import numpy as np
 import torch
 import torchvision
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -51,7 +55,7 @@ from freezeflow.integrations.plots import (history_rows, plot_confusion, plot_ep
 from freezeflow.core.data.preprocess import normalize_batch
 from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.data.prepare import open_prepared
-from freezeflow.core.layout import Layout, dataset_name
+from freezeflow.core.layout import Layout, dataset_name, resolve_data_params
 from freezeflow.core.train.run import run_training
 from freezeflow.integrations.secrets import first_line_masked
 
@@ -67,12 +71,56 @@ BATCH_LIMIT = 100  # MLflow accepts at most 100 params per log_batch call
 # ---- where ---------------------------------------------------------------------------------------
 
 def resolve_tracking_uri(root: Path) -> str:
-    """`MLFLOW_TRACKING_URI` if set, else a sqlite file under <root>/mlflow/ (folder created)."""
+    """`MLFLOW_TRACKING_URI` if set, else a sqlite file under <root>/mlflow/ (folder created); a sqlite
+    store is created and migrated here, once, under a file lock (see ensure_store)."""
     if os.environ.get(ENV_URI):
-        return os.environ[ENV_URI]
+        return ensure_store(os.environ[ENV_URI])
     folder = Path(root).resolve() / "mlflow"
     folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}"
+    return ensure_store(f"sqlite:///{folder / 'mlflow.db'}")
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` URI; None for other stores and in-memory sqlite."""
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///:memory:"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?")[0])
+
+
+@contextlib.contextmanager
+def store_lock(db: Path) -> Iterator[None]:
+    """An exclusive inter-process lock on `<db>.lock`, beside the database (released when the block ends
+    or the process dies). Where fcntl does not exist (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+READY_STORES: set[str] = set()  # sqlite stores this process has created or found up to date
+
+
+def ensure_store(uri: str) -> str:
+    """Create and migrate a sqlite store's tables (tracking and registry) under `store_lock`, once per
+    process: two processes starting on a fresh store would otherwise both create the same tables and
+    one dies (`table ... already exists`, or an alembic version mismatch). Returns `uri`."""
+    db = sqlite_file(uri)
+    if db is None or uri in READY_STORES:
+        return uri
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with store_lock(db):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # the tracking store: tables created, then migrated
+        client.search_registered_models(max_results=1)  # the registry store on the same database
+    READY_STORES.add(uri)
+    return uri
 
 
 def resolve_artifact_location(uri: str, root: Path) -> str | None:
@@ -122,8 +170,8 @@ def current_uri(tracking_uri: str | None = None, root: Path = Path(".")) -> str:
     mlflow.set_tracking_uri, else the project's default store under `root`."""
     from mlflow.tracking._tracking_service import utils as service_utils
 
-    return (tracking_uri or os.environ.get(ENV_URI) or getattr(service_utils, "_tracking_uri", None)
-            or resolve_tracking_uri(root))
+    uri = tracking_uri or os.environ.get(ENV_URI) or getattr(service_utils, "_tracking_uri", None)
+    return ensure_store(uri) if uri else resolve_tracking_uri(root)
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
@@ -395,13 +443,53 @@ def log_model_files(client: MlflowClient, run_id: str, layout: Layout, prepared:
     return model_info.model_id
 
 
+# ---- the dataset -------------------------------------------------------------------------------
+
+def split_counts(prepared: Prepared) -> dict[str, int]:
+    """Images and classes of the prepared dataset, and images per split."""
+    return {"images": int(len(prepared.labels)), "classes": len(prepared.classes),
+            **{split: int(len(rows)) for split, rows in prepared.split.items()}}
+
+
+class PreparedDataset(MetaDataset):
+    """A MetaDataset (metadata only: MLflow never copies the images) with a profile, which MetaDataset lacks."""
+
+    def __init__(self, source, name: str, digest: str, profile: dict[str, int]):
+        self._profile = profile
+        super().__init__(source, name=name, digest=digest)
+
+    @property
+    def profile(self) -> dict[str, int]:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return super().to_dict() | {"profile": json.dumps(self._profile)}
+
+
+def dataset_of(prepared: Prepared, data_dir: Path, dvc_md5: str | None) -> PreparedDataset:
+    """The run's input for the runs table's Dataset column: name = the dataset, digest = the DVC md5 when
+    the data is tracked (else the content hash), source = the data folder, profile = split_counts."""
+    with warnings.catch_warnings():  # a local path resolves through two equivalent registered sources
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(Path(data_dir).resolve()))
+    return PreparedDataset(source, prepared.name, dvc_md5 or prepared.data_hash, split_counts(prepared))
+
+
+def log_dataset(prepared: Prepared, data_dir: Path, dvc_md5: str | None) -> None:
+    """The dataset as the active run's input (context `training`), split counts also as input tags."""
+    tags = {"data_hash": prepared.data_hash, **{f"{k}_images": str(v) for k, v in split_counts(prepared).items()
+                                                if k in prepared.split}}
+    mlflow.log_input(dataset_of(prepared, data_dir, dvc_md5), context="training", tags=tags)
+
+
 def finish_run(client: MlflowClient, run_id: str, callback: MlflowCallback, metrics: dict,
-               layout: Layout, params: Params) -> dict:
+               layout: Layout, params: Params, dvc_md5: str | None = None) -> dict:
     """Everything logged after a successful training; returns the val evaluation."""
     client.set_tag(run_id, "data_hash", metrics["data_hash"])
     history = history_rows(json.loads((layout.reports / "history.json").read_text()))
     backfill_epochs(callback, history)
     prepared = open_prepared(params, layout)  # the data training used: a cache hit
+    log_dataset(prepared, resolve_data_params(params, layout.root).data.dir, dvc_md5)
     val_report = log_reports(client, run_id, layout, prepared, history)
     totals = total_metrics(metrics) | {"val_macro_f1": val_report["macro_f1"]}
     log_totals(client, run_id, totals)
@@ -433,7 +521,8 @@ def tracked_training(params: Params, root: Path = Path("."), resume: bool = Fals
             log_params(client, run_id, params)
             callback = MlflowCallback(run_id, client=client)
             metrics = run_training(params, root, resume, callbacks=[callback, *callbacks])
-            finish_run(client, run_id, callback, metrics, Layout(root), params)
+            finish_run(client, run_id, callback, metrics, Layout(root), params,
+                       (extra_tags or {}).get("dvc_data_md5"))
         except KeyboardInterrupt:
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flows.retrain import should_retrain
-from freezeflow.integrations.registry import decide_promotion
+from freezeflow.integrations.registry import decide_promotion, describe_class_change
 
 
 def test_promotion_rule():
@@ -14,6 +14,18 @@ def test_promotion_rule():
     keep = decide_promotion(0.902, 0.90, 0.005)
     assert keep.alias == "challenger" and "does not beat champion 0.9000" in keep.reason
     assert decide_promotion(0.5, 0.9, 0.0, force=True).alias == "champion"
+    assert decide_promotion(0.91, 0.91, 0.0).alias == "challenger"  # equal on the same split: kept
+
+
+def test_a_blocker_keeps_the_model_unless_forced():
+    """A changed class set (or an unloadable champion) means no fair comparison: kept, whatever the scores."""
+    blocker = describe_class_change(["cat", "dog"], ["cat", "dog", "fox"])
+    assert blocker == "class set changed (added: fox; removed: none): no automatic promotion; --force promotes"
+    assert describe_class_change(["b", "a"], ["a", "b"]) is None
+    kept = decide_promotion(0.99, None, 0.0, blocker=blocker)
+    assert kept.alias == "challenger" and kept.reason == blocker
+    forced = decide_promotion(0.99, None, 0.0, force=True, blocker=blocker)
+    assert forced.alias == "champion" and forced.reason == f"forced ({blocker})"
 
 
 def test_retrain_rule():
@@ -45,7 +57,9 @@ def test_scheduled_runs_promote_or_keep_on_real_runs(dvc_project, prefect_harnes
     challenger = client.get_model_version_by_alias("shapes", "challenger")
     assert str(champion.version) == first["registry"]["version"]
     assert str(challenger.version) == forced["registry"]["version"]
-    assert client.get_model_version("shapes", challenger.version).tags["decision"].startswith("val_accuracy")
+    tags = client.get_model_version("shapes", challenger.version).tags
+    assert tags["decision"].startswith("val_accuracy") and "(re-scored on the same val split)" in tags["decision"]
+    assert tags["champion_version"] == first["registry"]["version"] and tags["val_split_hash"]
 
 
 @pytest.mark.slow

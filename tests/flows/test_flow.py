@@ -10,6 +10,21 @@ import yaml
 from tests.conftest import BIN, run
 
 
+def test_pipeline_force_reaches_the_flow_as_force_promotion(monkeypatch):
+    """`freezeflow pipeline --force` promotes whatever the gate says: the flag reaches the flow."""
+    import flows.training
+    from typer.testing import CliRunner
+
+    from freezeflow.app.cli import app
+
+    calls = []
+    monkeypatch.setattr(flows.training, "training_pipeline", lambda **kwargs: calls.append(kwargs) or {})
+    for args, expected in ((["pipeline", "--force"], True), (["pipeline"], False)):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert calls.pop()["force_promotion"] is expected
+
+
 @pytest.mark.slow
 def test_dvc_repro_reruns_only_stages_that_read_a_changed_param(dvc_project):
     root, env = dvc_project
@@ -72,6 +87,14 @@ def test_prefect_flow_runs_and_skips_prepare_for_unchanged_data(dvc_project, pre
     challenger = registry.get_model_version_by_alias("shapes", "challenger")
     assert str(challenger.version) == second["registry"]["version"]
     assert challenger.tags["decision"] == second["registry"]["reason"]
+    assert second["registry"]["champion_version"] == first["registry"]["version"]
+    assert challenger.tags["champion_val_accuracy"] == f"{second['registry']['champion_val_accuracy']:.6f}"
+    # each run's dataset input: name, the DVC md5 of data/ (tracked here), the data folder
+    dvc_md5 = yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
+    for metrics in (first["metrics"], second["metrics"]):
+        (data_input,) = registry.get_run(metrics["run_id"]).inputs.dataset_inputs
+        assert (data_input.dataset.name, data_input.dataset.digest) == ("shapes", dvc_md5)
+        assert json.loads(data_input.dataset.source)["uri"] == str((root / "data" / "shapes").resolve())
     with get_client(sync_client=True) as client:
         prepare_states = []
         for state in states:

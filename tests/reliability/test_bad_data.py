@@ -66,3 +66,24 @@ def test_a_held_dvc_lock_says_what_to_do(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and ".dvc/tmp/lock" in lines[0] and "delete that file" in lines[0], proc.stderr
+
+
+def test_duplicates_and_a_label_conflict_each_get_one_line(tmp_path, project):
+    src = write_shapes_dataset(tmp_path / "src", classes=3, per_class=5)
+    (src / "class_0" / "again.png").write_bytes((src / "class_0" / "img_000.png").read_bytes())
+    (src / "class_2" / "stray.png").write_bytes((src / "class_1" / "img_001.png").read_bytes())
+    proc = subprocess.run([str(BIN / "freezeflow"), "ingest", str(src), "--name", "dups", "--no-track"],
+                          cwd=project, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    rejected = [line for line in lines if line.startswith("rejected: ")]
+    assert len(rejected) == 1 and "class_2/stray.png: label_conflict" in rejected[0], proc.stderr
+    assert sum(line.startswith("warning: duplicate: ") for line in lines) == 1, proc.stderr
+    conflict = [line for line in lines if line.startswith("warning: label conflict: ")]
+    assert len(conflict) == 1 and "kept class_1/img_001.png" in conflict[0], proc.stderr
+    report = json.loads((project / "reports" / "ingest.json").read_text())
+    assert report["rejected_by_reason"] == {"label_conflict": 1}
+    assert len(report["duplicates"]) == 2 and len(report["label_conflicts"]) == 1
+    assert report["classes"] == {"class_0": 6, "class_1": 5, "class_2": 5}
+    assert (project / "quarantine" / "dups" / "class_2" / "stray.png").is_file()
+    assert not (project / "data" / "dups" / "class_2" / "stray.png").exists()

@@ -1,6 +1,8 @@
 """Image folders: ImageFolder scanning, ingest (validate, quarantine, install atomically) and hashing.
 
 Layout everywhere: <root>/<class>/<image>, classes sorted by name, label = index in that order.
+Content hashes (md5 of a file's bytes) are computed here once per file: they name the dataset
+(hash_folder, prepare's data hash), decide its split and find duplicates.
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ class IngestReport:
     rejected: list[dict] = field(default_factory=list)  # {"file": posix path under source, "class", "reason"}
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # groups of accepted files with identical bytes: {"md5", "files": [posix paths], "classes": [names]}
+    duplicates: list[dict] = field(default_factory=list)
+    # duplicates in two or more classes: {"md5", "kept": path, "quarantined": [paths], "classes": [names]}
+    label_conflicts: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,18 +92,20 @@ def ingest_folder(src: Path, dest: Path, quarantine: Path, max_pixels: int, min_
     report = IngestReport(str(src), str(dest), str(quarantine), classes={name: 0 for name in classes})
     tmp_dest, tmp_quarantine = make_temp_folder(dest), make_temp_folder(quarantine)
     try:
+        digests: dict[str, str] = {}  # accepted file (posix path under src) -> md5 of its bytes
         for done, (path, label) in enumerate(files, start=1):
             rel = path.relative_to(src)
             reason = check_image(path, max_pixels, min_side)
             if reason is None:
                 (tmp_dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, tmp_dest / rel)  # original bytes, new mtime
+                digests[rel.as_posix()] = copy_hashing(path, tmp_dest / rel)  # original bytes, new mtime
                 report.classes[classes[label]] += 1
             else:
                 report.rejected.append({"file": rel.as_posix(), "class": classes[label], "reason": reason})
                 copy_rejected(path, tmp_quarantine / rel, report)
             if progress is not None:
                 progress(done, len(files))
+        quarantine_conflicts(find_duplicates(digests), tmp_dest, tmp_quarantine, report)
         report.rejected_by_reason = dict(sorted(Counter(r["reason"] for r in report.rejected).items()))
         empty = [name for name, count in report.classes.items() if count == 0]
         if empty:
@@ -113,6 +121,51 @@ def ingest_folder(src: Path, dest: Path, quarantine: Path, max_pixels: int, min_
         for tmp in (tmp_dest, tmp_quarantine):
             shutil.rmtree(tmp, ignore_errors=True)  # our own temp folders, if not renamed into place
     return report
+
+
+def copy_hashing(path: Path, target: Path) -> str:
+    """Copy `path` to `target` and return the md5 of its bytes: one read serves both."""
+    digest = hashlib.md5()
+    with open(path, "rb") as fh, open(target, "wb") as out:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
+def find_duplicates(digests: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """(md5, sorted posix paths) of each group of 2+ files with identical bytes, by first path."""
+    groups: dict[str, list[str]] = {}
+    for rel in sorted(digests):
+        groups.setdefault(digests[rel], []).append(rel)
+    return [(digest, members) for digest, members in groups.items() if len(members) > 1]
+
+
+def quarantine_conflicts(groups: list[tuple[str, list[str]]], tmp_dest: Path, tmp_quarantine: Path,
+                         report: IngestReport) -> None:
+    """Report every duplicate group; one in two or more classes is a label conflict.
+
+    Identical bytes cannot be two classes at once, and training on both labels would teach noise
+    silently. The first file by sorted path keeps its label; copies in other classes go to the
+    quarantine (reason `label_conflict`); copies in the kept file's class stay (same label).
+    """
+    for digest, members in groups:
+        classes = sorted({rel.split("/")[0] for rel in members})
+        report.duplicates.append({"md5": digest, "files": members, "classes": classes})
+        if len(classes) == 1:
+            report.warnings.append(f"duplicate: {', '.join(members)} have identical bytes (all kept; "
+                                   "they always share a split)")
+            continue
+        kept, kept_class = members[0], members[0].split("/")[0]
+        moved = [rel for rel in members if rel.split("/")[0] != kept_class]
+        for rel in moved:
+            (tmp_quarantine / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(tmp_dest / rel, tmp_quarantine / rel)
+            report.classes[rel.split("/")[0]] -= 1
+            report.rejected.append({"file": rel, "class": rel.split("/")[0], "reason": "label_conflict"})
+        report.label_conflicts.append({"md5": digest, "kept": kept, "quarantined": moved, "classes": classes})
+        report.warnings.append(f"label conflict: {', '.join(members)} have identical bytes in classes "
+                               f"{', '.join(classes)}: kept {kept}, quarantined the other classes' copies")
 
 
 def copy_rejected(path: Path, target: Path, report: IngestReport) -> None:
@@ -173,16 +226,26 @@ def install_folder(tmp: Path, final: Path) -> None:
 
 # --- hashing ---------------------------------------------------------------------------------------
 
+def md5_file(path: Path) -> str:
+    """md5 of a file's bytes, read in 1 MiB chunks: flat memory on big files."""
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def combine_digests(entries: list[tuple[str, str]]) -> str:
+    """The dataset's hash: md5 over sorted (posix path, md5 of bytes) pairs."""
+    total = hashlib.md5()
+    for rel, file_md5 in sorted(entries):
+        total.update(f"{rel}\0{file_md5}\n".encode())
+    return total.hexdigest()
+
+
 def hash_folder(root: Path) -> str:
     """md5 over sorted (posix path relative to root, md5 of bytes) of non-hidden files: a cache key."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"cannot hash {root}: not a folder")
-    total = hashlib.md5()
-    for path in list_files(root):
-        digest = hashlib.md5()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):  # 1 MiB chunks: flat memory on big files
-                digest.update(chunk)
-        total.update(f"{path.relative_to(root).as_posix()}\0{digest.hexdigest()}\n".encode())
-    return total.hexdigest()
+    return combine_digests([(path.relative_to(root).as_posix(), md5_file(path)) for path in list_files(root)])

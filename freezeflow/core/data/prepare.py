@@ -1,11 +1,16 @@
-"""prepare: decode and resize every image once into memory-mappable uint8 arrays, plus a split manifest.
+"""prepare: decode and resize each image content once into memory-mappable uint8 arrays, plus a split manifest.
 
-Layout of one prepared dataset (`prepared/<dataset>/<key>/`):
+Layout of one prepared dataset (`prepared/<dataset>/<key>/`, the view training reads):
     images.npy    uint8 (N, 3, S, S): channel-first so torch.from_numpy gives model-ready tensors
     labels.npy    int64 (N,)
-    manifest.json classes, files, split indices, data hash, key, skipped files
+    manifest.json classes, files, md5 per file, split indices, data hash, key, skipped files,
+                  decoded (files this build decoded)
 The key hashes the data's content hash with the preprocessing params, so a changed image or a
-new image_size gives a new folder and training never decodes an image file again.
+new image_size gives a new folder. The decoded rows themselves live in the pixel store
+(pixels.py, keyed by each file's md5): a new view copies its rows from there and decodes only
+contents the store lacks, so a grown dataset decodes its new files and a relabelled one nothing.
+Each file's md5 is read once (prepared/.hashes keeps them per size and mtime) and serves the data
+hash, the split and the store.
 """
 
 from __future__ import annotations
@@ -15,22 +20,25 @@ import json
 import os
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from freezeflow.core.data.folders import scan_image_folder
+from freezeflow.core.data import pixels
+from freezeflow.core.data.folders import combine_digests, md5_file, scan_image_folder
 from freezeflow.core.errors import DataError
-from freezeflow.core.data.images import read_rgb
-from freezeflow.core.data.preprocess import resize_pixels
 from freezeflow.core.layout import Layout, resolve_data_params
 from freezeflow.core.params import DataParams, Params, SplitParams
 from freezeflow.core.io import write_json_atomic
 
-PREPARE_VERSION = 1  # bump when the decode (images) or resize (preprocess) code changes: old caches then miss
+# Bump when the split or the view's layout changes: old views then miss (the decode code has its
+# own pixels.DECODE_VERSION, part of the key too).
+# 2: the split became a function of each file's content hash (it was a seeded permutation per class).
+PREPARE_VERSION = 2
+STAMP_VERSION = 2  # format of the per-file content-hash stamps in prepared/.hashes
 
 
 @dataclass(frozen=True)
@@ -45,141 +53,197 @@ class Prepared:
     data_hash: str
     key: str
     name: str
+    decoded: int = 0  # files decoded by the prepare call that returned this (0: all from the store)
 
     @property
     def image_size(self) -> int:
         return int(self.images.shape[-1])
 
 
-def fingerprint_files(files: list[Path], root: Path) -> list[list]:
-    """(relative path, size, mtime_ns) per file: lets us skip re-hashing unchanged data."""
-    out = []
-    for path in files:
-        st = path.stat()
-        out.append([path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
-    return out
-
-
-def hash_files(files: list[Path], root: Path) -> str:
-    """Content hash of the dataset: md5 over (relative path, md5 of bytes), sorted by path."""
-    digest = hashlib.md5()
-    for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
-        file_md5 = hashlib.md5(path.read_bytes()).hexdigest()
-        digest.update(f"{path.relative_to(root).as_posix()}\0{file_md5}\n".encode())
-    return digest.hexdigest()
-
-
 def compute_key(data_hash: str, params: DataParams) -> str:
     """Cache key: data content + every param that changes the prepared bytes or split."""
     split = params.split
-    blob = json.dumps([PREPARE_VERSION, data_hash, params.image_size, split.val, split.test, split.seed,
+    blob = json.dumps([PREPARE_VERSION, pixels.DECODE_VERSION, data_hash, params.image_size, split.val, split.test, split.seed,
                        params.max_pixels, params.min_side])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def split_stratified(labels: np.ndarray, split: SplitParams, classes: list[str]) -> dict[str, np.ndarray]:
-    """Deterministic stratified split; every class appears in train, val and test."""
-    rng = np.random.default_rng(split.seed)
+# --- content hashes --------------------------------------------------------------------------------
+
+def resolve_digests(root: Path, files: list[Path], cache_dir: Path) -> tuple[str, list[str]]:
+    """(data hash, md5 of each file's bytes); a file is re-read only when its size or mtime changed.
+
+    The per-file md5s are kept in one stamp per dataset folder (as DVC does), so a grown dataset
+    reads only its new files. The data hash is hash_folder's: md5 over (posix path, md5) pairs.
+    """
+    stamp = cache_dir / f"{hashlib.md5(str(root.resolve()).encode()).hexdigest()}.hash.json"
+    saved = read_stamp(stamp)
+    entries, digests, changed = {}, [], False
+    for path in files:
+        rel, st = path.relative_to(root).as_posix(), path.stat()
+        known = saved.get(rel)
+        if known and known[:2] == [st.st_size, st.st_mtime_ns]:
+            file_md5 = known[2]
+        else:
+            file_md5, changed = md5_file(path), True
+        entries[rel] = [st.st_size, st.st_mtime_ns, file_md5]
+        digests.append(file_md5)
+    if changed or set(entries) != set(saved):
+        write_json_atomic(stamp, {"version": STAMP_VERSION, "files": entries})
+    return combine_digests([(rel, entry[2]) for rel, entry in entries.items()]), digests
+
+
+def read_stamp(stamp: Path) -> dict[str, list]:
+    """posix path -> [size, mtime_ns, md5] from a stamp; {} when absent, unreadable or of an older format."""
+    try:
+        saved = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved.get("files", {}) if saved.get("version") == STAMP_VERSION else {}
+
+
+# --- the split: a pure function of each file's content ------------------------------------------------
+
+def content_position(digest: str, seed: int) -> float:
+    """u in [0, 1) of a file's content: md5 of "seed:md5 of its bytes" as a fraction of 2**128."""
+    return int(hashlib.md5(f"{seed}:{digest}".encode()).hexdigest(), 16) / 2 ** 128
+
+
+def split_bounds(split: SplitParams) -> dict[str, tuple[float, float]]:
+    """The interval of u each split takes: test first, then val, the rest train."""
+    return {"test": (0.0, split.test), "val": (split.test, split.test + split.val),
+            "train": (split.test + split.val, 1.0)}
+
+
+def split_of(u: float, split: SplitParams) -> str:
+    return next(name for name, (lo, hi) in split_bounds(split).items() if lo <= u < hi)
+
+
+def split_stratified(labels: np.ndarray, digests: list[str], split: SplitParams,
+                     classes: list[str]) -> dict[str, np.ndarray]:
+    """Each file's split from its content alone; every class appears in train, val and test.
+
+    A file's split depends only on the md5 of its bytes, split.seed and the val/test fractions:
+    adding, removing or renaming other files never moves it, and identical files share a split.
+    """
     parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for label, name in enumerate(classes):
-        idx = np.flatnonzero(labels == label)
-        if len(idx) < 3:
-            raise DataError(f"class folder '{name}' has {len(idx)} usable images: every class needs at least 3 "
-                            "(one each for train, val and test)")
-        idx = idx[rng.permutation(len(idx))]
-        n_val = max(1, int(round(len(idx) * split.val)))
-        n_test = max(1, int(round(len(idx) * split.test)))
-        n_val, n_test = min(n_val, len(idx) - 2), min(n_test, len(idx) - 2)
-        parts["val"] += idx[:n_val].tolist()
-        parts["test"] += idx[n_val:n_val + n_test].tolist()
-        parts["train"] += idx[n_val + n_test:].tolist()
+        rows: dict[str, list[int]] = {}  # md5 -> this class's rows with those bytes
+        for row in np.flatnonzero(labels == label).tolist():
+            rows.setdefault(digests[row], []).append(row)
+        if len(rows) < 3:
+            copies = " (identical files count once)" if len(rows) < np.sum(labels == label) else ""
+            raise DataError(f"class folder '{name}' has {len(rows)} usable images{copies}: every class needs "
+                            "at least 3 (one each for train, val and test)")
+        where = assign_class({d: content_position(d, split.seed) for d in rows}, split)
+        for digest, part in where.items():
+            parts[part] += rows[digest]
     return {name: np.array(sorted(ix), dtype=np.int64) for name, ix in parts.items()}
 
 
-def resolve_data_hash(root: Path, files: list[Path], cache_dir: Path) -> str:
-    """Content hash, re-read only when a file's size or mtime changed (as DVC does)."""
-    fp = fingerprint_files(files, root)
-    stamp = cache_dir / f"{hashlib.md5(str(root.resolve()).encode()).hexdigest()}.hash.json"
-    if stamp.exists():
-        saved = json.loads(stamp.read_text())
-        if saved.get("files") == fp:
-            return saved["hash"]
-    data_hash = hash_files(files, root)
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(stamp, {"files": fp, "hash": data_hash})
-    return data_hash
+def assign_class(positions: dict[str, float], split: SplitParams) -> dict[str, str]:
+    """md5 -> split for one class's distinct contents (at least 3).
+
+    The rule is split_of(u). The one exception, for tiny classes: a split the rule leaves empty
+    takes the content nearest its interval (the smallest u, for val and test) from train, or, if
+    train has only one, from the other split with two or more. Such a file can move back when its
+    class grows and the rule fills that split by itself.
+    """
+    where = {digest: split_of(u, split) for digest, u in positions.items()}
+    bounds = split_bounds(split)
+    donors_for = {"test": ("train", "val"), "val": ("train", "test"), "train": ("val", "test")}
+    for missing in ("test", "val", "train"):
+        counts = Counter(where.values())
+        if counts[missing]:
+            continue
+        donor = next(part for part in donors_for[missing] if counts[part] >= 2)
+        lo, hi = bounds[missing]
+        gap = lambda d: max(lo - positions[d], positions[d] - hi, 0.0)  # noqa: E731 - distance of u to [lo, hi)
+        where[min((d for d in where if where[d] == donor), key=lambda d: (gap(d), d))] = missing
+    return where
 
 
 def prepare_dataset(params: DataParams, out_root: Path = Path("prepared"),
                     progress: Callable[[int, int], None] | None = None) -> Prepared:
-    """Decode + resize once; reuse the prepared arrays when data and params are unchanged."""
-    root = Path(params.dir)
+    """Decode + resize only contents the pixel store lacks; reuse the prepared arrays when nothing changed.
+
+    `prepared.decoded` counts the files decoded by this call (0 on a cache hit, M after M new files).
+    """
+    root, out_root = Path(params.dir), Path(out_root)
     classes, items = scan_image_folder(root)
-    files = [path for path, _ in items]
-    data_hash = resolve_data_hash(root, files, out_root / ".hashes")
+    data_hash, digests = resolve_digests(root, [path for path, _ in items], out_root / ".hashes")
     key = compute_key(data_hash, params)
-    name = root.resolve().name
-    target = out_root / name / key
+    target = out_root / root.resolve().name / key
     if (target / "manifest.json").exists():
         return load_prepared(target)
-    build_prepared(root, classes, items, params, data_hash, key, target, progress)
-    return load_prepared(target)
+    store = pixels.store_dir(out_root, params)
+    with pixels.store_lock(store) as exclusive:  # one writer per store: parallel prepares decode once
+        if (target / "manifest.json").exists():  # built by the writer we waited for
+            return load_prepared(target)
+        if exclusive:
+            pixels.remove_orphans(store)
+            remove_stale_views(target)
+        todo = missing_contents(items, digests, pixels.read_index(store))
+        decoded = pixels.decode_missing(store, todo, params, progress)
+        build_prepared(root, classes, items, digests, pixels.read_index(store), store,
+                       Meta(params, data_hash, key, decoded), target)
+    return replace(load_prepared(target), decoded=decoded)
 
 
-def decode_all(items: list[tuple[Path, int]], params: DataParams, images: np.ndarray,
-               progress: Callable[[int, int], None] | None) -> list[dict]:
-    """Fill `images` (N, 3, S, S) in place with threads (PIL releases the GIL while decoding)."""
-    skipped: list[dict] = []
-
-    def decode_one(i: int) -> dict | None:
-        path = items[i][0]
-        img, reason = read_rgb(path, params.max_pixels, params.min_side)  # one decode per file
-        if img is None:
-            return {"file": str(path), "reason": reason}
-        images[i] = resize_pixels(img, params.image_size)  # (3, S, S)
-        return None
-
-    workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
-        for done, result in enumerate(pool.map(decode_one, range(len(items))), 1):
-            if result:
-                skipped.append(result)
-            if progress:
-                progress(done, len(items))
-    return skipped
+def missing_contents(items: list[tuple[Path, int]], digests: list[str],
+                     index: pixels.StoreIndex) -> list[tuple[Path, str]]:
+    """(first file, md5) of each content the store has never seen: identical files decode once."""
+    todo: dict[str, Path] = {}
+    for (path, _), digest in zip(items, digests):
+        if not index.knows(digest):
+            todo.setdefault(digest, path)
+    return [(path, digest) for digest, path in todo.items()]
 
 
-def build_prepared(root: Path, classes: list[str], items: list[tuple[Path, int]], params: DataParams,
-                   data_hash: str, key: str, target: Path,
-                   progress: Callable[[int, int], None] | None) -> None:
-    """Write arrays + manifest into a temp folder, then rename it into place (never half-written)."""
+@dataclass(frozen=True)
+class Meta:
+    """What a prepared view records beside its arrays."""
+
+    params: DataParams
+    data_hash: str
+    key: str
+    decoded: int
+
+
+def remove_stale_views(target: Path) -> None:
+    """Temp folders of `target` that a killed prepare left (call under the store lock: same key, same store)."""
+    for path in target.parent.glob(f".tmp-{target.name}-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def build_prepared(root: Path, classes: list[str], items: list[tuple[Path, int]], digests: list[str],
+                   index: pixels.StoreIndex, store: Path, meta: Meta, target: Path) -> None:
+    """Copy the dataset's rows out of the store into a temp folder, then rename it into place.
+
+    The view is one contiguous images.npy, so training reads (N, 3, S, S) as before; copying rows
+    decodes nothing. Files the store marks unusable are listed in the manifest and left out.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
-        size = params.image_size
+        keep = [i for i, digest in enumerate(digests) if digest in index.rows]
+        skipped = [{"file": str(items[i][0]), "reason": index.skipped.get(digests[i], "unreadable")}
+                   for i, digest in enumerate(digests) if digest not in index.rows]
+        size = meta.params.image_size
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
-                                           shape=(len(items), 3, size, size))
-        skipped = decode_all(items, params, images, progress)
-        bad = {s["file"] for s in skipped}
-        keep = np.array([i for i, (p, _) in enumerate(items) if str(p) not in bad], dtype=np.int64)
+                                           shape=(len(keep), 3, size, size))
+        pixels.copy_rows(store, [index.rows[digests[i]] for i in keep], images)
+        images.flush()
+        del images
         labels = np.array([items[i][1] for i in keep], dtype=np.int64)
-        if len(keep) < len(items):  # compact: drop rows of skipped files
-            compact = np.lib.format.open_memmap(tmp / "images.tmp.npy", mode="w+", dtype=np.uint8,
-                                                shape=(len(keep), 3, size, size))
-            compact[:] = images[keep]
-            compact.flush()
-            del images, compact
-            os.replace(tmp / "images.tmp.npy", tmp / "images.npy")
-        else:
-            images.flush()
-            del images
         np.save(tmp / "labels.npy", labels)
-        split = split_stratified(labels, params.split, classes)
+        kept_digests = [digests[i] for i in keep]
+        split = split_stratified(labels, kept_digests, meta.params.split, classes)
         manifest = {
-            "key": key, "data_hash": data_hash, "dir": str(root), "classes": classes,
-            "files": [items[i][0].relative_to(root).as_posix() for i in keep],
+            "key": meta.key, "data_hash": meta.data_hash, "dir": str(root), "classes": classes,
+            "files": [items[i][0].relative_to(root).as_posix() for i in keep], "digests": kept_digests,
             "split": {k: v.tolist() for k, v in split.items()},
-            "image_size": size, "skipped": skipped,
+            "image_size": size, "skipped": skipped, "decoded": meta.decoded, "pixels": store.name,
         }
         write_json_atomic(tmp / "manifest.json", manifest)
         os.replace(tmp, target)

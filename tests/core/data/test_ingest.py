@@ -158,6 +158,35 @@ def test_imbalance_over_limit_warns(tmp_path):
     assert ingest(src, tmp_path).warnings == []
 
 
+def test_duplicates_are_reported_and_a_label_conflict_is_quarantined(source, tmp_path):
+    import shutil
+
+    shutil.copy(source / "cat/a.png", source / "cat/sub/a_again.png")  # same class: kept, reported
+    shutil.copy(source / "cat/b.png", source / "dog/c.png")  # same bytes, two labels: a conflict
+    shutil.copy(source / "cat/b.png", source / "fish/e.png")
+    report = ingest(source, tmp_path)
+
+    digest = lambda rel: hashlib.md5((source / rel).read_bytes()).hexdigest()  # noqa: E731
+    assert report.duplicates == [
+        {"md5": digest("cat/a.png"), "files": ["cat/a.png", "cat/sub/a_again.png"], "classes": ["cat"]},
+        {"md5": digest("cat/b.png"), "files": ["cat/b.png", "dog/c.png", "fish/e.png"],
+         "classes": ["cat", "dog", "fish"]},
+    ]
+    assert report.label_conflicts == [{"md5": digest("cat/b.png"), "kept": "cat/b.png",
+                                       "quarantined": ["dog/c.png", "fish/e.png"], "classes": ["cat", "dog", "fish"]}]
+    conflicts = [r for r in report.rejected if r["reason"] == "label_conflict"]
+    assert conflicts == [{"file": "dog/c.png", "class": "dog", "reason": "label_conflict"},
+                         {"file": "fish/e.png", "class": "fish", "reason": "label_conflict"}]
+    assert report.rejected_by_reason["label_conflict"] == 2
+    assert report.classes == {"cat": 4, "dog": 2, "fish": 4}  # the conflicting copies are not counted
+    assert sum("duplicate: " in w for w in report.warnings) == 1
+    assert sum("label conflict: " in w and "kept cat/b.png" in w for w in report.warnings) == 1
+    assert (tmp_path / "clean/cat/b.png").is_file() and (tmp_path / "clean/cat/sub/a_again.png").is_file()
+    assert not (tmp_path / "clean/dog/c.png").exists() and not (tmp_path / "clean/fish/e.png").exists()
+    assert (tmp_path / "quarantine/dog/c.png").read_bytes() == (source / "cat/b.png").read_bytes()
+    assert json.loads(json.dumps(report.to_dict()))["label_conflicts"] == report.label_conflicts
+
+
 # --- scanning errors: one line, naming the folder ---------------------------------------------------
 
 def assert_one_line_error(root: Path, folder: Path, match: str) -> None:

@@ -1,7 +1,9 @@
-"""prepare: decode once into a keyed, memory-mapped cache; a stratified split every stage shares."""
+"""prepare: decode once into a keyed, memory-mapped cache; a stratified split every stage shares
+(how the split stays put as the data changes: test_split.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import replace
 
@@ -20,12 +22,17 @@ def data_params(folder, **kw) -> DataParams:
     return replace(DataParams(dir=str(folder), image_size=32), **kw)
 
 
+def fake_digests(n: int) -> list[str]:
+    return [hashlib.md5(str(i).encode()).hexdigest() for i in range(n)]
+
+
 def test_split_is_stratified_deterministic_and_covers_every_class():
     labels = np.repeat(np.arange(4), [10, 20, 3, 40])
     classes = ["a", "b", "c", "d"]
-    one = split_stratified(labels, SplitParams(0.15, 0.15, 7), classes)
-    two = split_stratified(labels, SplitParams(0.15, 0.15, 7), classes)
-    other = split_stratified(labels, SplitParams(0.15, 0.15, 8), classes)
+    digests = fake_digests(len(labels))
+    one = split_stratified(labels, digests, SplitParams(0.15, 0.15, 7), classes)
+    two = split_stratified(labels, digests, SplitParams(0.15, 0.15, 7), classes)
+    other = split_stratified(labels, digests, SplitParams(0.15, 0.15, 8), classes)
     for name in ("train", "val", "test"):
         assert np.array_equal(one[name], two[name])
         assert set(labels[one[name]]) == {0, 1, 2, 3}, f"a class is missing from {name}"
@@ -36,7 +43,11 @@ def test_split_is_stratified_deterministic_and_covers_every_class():
 
 def test_class_with_too_few_images_is_a_one_line_error():
     with pytest.raises(DataError, match="class folder 'tiny' has 2 usable images"):
-        split_stratified(np.array([0, 0, 0, 1, 1]), SplitParams(), ["big", "tiny"])
+        split_stratified(np.array([0, 0, 0, 1, 1]), fake_digests(5), SplitParams(), ["big", "tiny"])
+    digests = fake_digests(6)
+    digests[5] = digests[4]  # 3 files, 2 distinct contents: identical files share a split, so count once
+    with pytest.raises(DataError, match="'tiny' has 2 usable images \\(identical files count once\\)"):
+        split_stratified(np.array([0, 0, 0, 1, 1, 1]), digests, SplitParams(), ["big", "tiny"])
 
 
 def test_prepare_decodes_once_and_reuses_the_cache(tmp_path, shapes_dir):
