@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from freezeflow.app.steps import record_dvc_lock
 from tasks.data import check_data_task, prepare_task
 from tasks.train import evaluate_task, register_task, train_task
 
@@ -31,15 +32,9 @@ def training_pipeline(params_dir: str = "params", overrides: list[str] | None = 
     decision = None
     if register_model:
         decision = register_task(root, params_dir, overrides, metrics["run_id"], promote_margin, force_promotion)
-    record_dvc_lock(root)
+    stages = ["prepare", *(["tune"] if tune else []), "train", "evaluate"]  # dvc.yaml's names
+    dvc_lock = record_dvc_lock(Path(root), params_dir, overrides, stages, data_info)
     return {"prepared": prepared, "metrics": {k: metrics[k] for k in ("val_accuracy", "test_accuracy",
                                                                         "train_time_s", "run_id")},
-            "evaluation": evaluation, "registry": decision}
+            "evaluation": evaluation, "registry": decision, "dvc_lock": dvc_lock}
 
-
-def record_dvc_lock(root: str) -> None:
-    """`dvc commit` so that dvc.lock matches what the flow produced: `dvc repro` is then a no-op."""
-    from freezeflow.integrations.dvc import is_dvc_repo, run_dvc
-
-    if is_dvc_repo(Path(root)) and (Path(root) / "dvc.yaml").exists():
-        run_dvc(["commit", "-f", "-q"], Path(root))

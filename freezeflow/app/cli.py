@@ -201,13 +201,19 @@ def pipeline(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=
                                         "not beat the champion or the class set changed.")) -> None:
     """Run the Prefect flow: check_data -> prepare -> (tune) -> train -> evaluate -> register.
 
+    dvc.lock records the run only when it used params/*.yaml as they are: after -S overrides it is
+    left alone (one line says so).
+
     Example: freezeflow pipeline -S train.epochs=5
     """
     from flows.training import training_pipeline
 
     result = training_pipeline(params_dir=str(ROOT / "params"), overrides=list(sets or []), tune=tune,
                                allow_dirty_data=allow_dirty_data, root=str(ROOT.resolve()), force_promotion=force)
+    dvc_lock = result.pop("dvc_lock", None)
     echo(json.dumps(result, indent=2))
+    if dvc_lock:
+        echo(dvc_lock)
 
 
 @app.command()

@@ -40,6 +40,40 @@ def describe_status(status: dict) -> str:
     return "modified"
 
 
+def record_dvc_lock(root: Path, params_dir: str | Path, overrides: list[str], stages: list[str],
+                    data_info: dict | None = None) -> str | None:
+    """After the pipeline flow: `dvc commit` the stages it ran, plus the frozen ones (as `dvc repro`
+    does), so that `dvc repro` is then a no-op; but only when the run used what dvc.yaml reads:
+    params/*.yaml as they are (no -S override that changes a value) and data/ as it was at the start.
+    Otherwise dvc.lock is left alone. Returns the one line to print (None outside a DVC project)."""
+    from freezeflow.integrations.dvc import commit_stages, frozen_stages, is_dvc_repo
+
+    root = Path(root)
+    if not (is_dvc_repo(root) and (root / "dvc.yaml").exists()):
+        return None
+    reason = lock_mismatch(root, Path(params_dir), list(overrides), data_info)
+    if reason:
+        return f"dvc.lock not updated: {reason}"
+    frozen = [name for name in frozen_stages(root) if name not in stages]
+    commit_stages(root, [*stages, *frozen])
+    return f"dvc.lock updated: {', '.join(stages)}" + (f" (and frozen {', '.join(frozen)})" if frozen else "")
+
+
+def lock_mismatch(root: Path, params_dir: Path, overrides: list[str], data_info: dict | None) -> str | None:
+    """Why dvc.lock must not record this run, or None: what it ran with is what dvc.yaml reads now."""
+    from freezeflow.core.params import load_params
+
+    if params_dir.resolve() != (root / "params").resolve():
+        return f"run with params from {params_dir}, while dvc.yaml reads {root / 'params'}"
+    ran_with = load_params(params_dir, overrides)
+    if overrides and ran_with != load_params(params_dir):
+        return (f"run with -S overrides ({' '.join(overrides)}); params/*.yaml stay the source of truth: "
+                "write the values there and run `freezeflow pipeline` (or `dvc repro`) to record a run")
+    if data_info is not None and check_data(ran_with, root, allow_dirty=True) != data_info:
+        return f"{ran_with.data.dir} changed during the run (data.dvc status differs); run it again"
+    return None
+
+
 def prepare_step(params: Params, root: Path, progress: Callable | None = None):
     from freezeflow.core.data.prepare import open_prepared
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from freezeflow.core.errors import UserError
+from freezeflow.integrations.secrets import mask_text
 
 
 def dvc_executable() -> str:
@@ -25,16 +26,27 @@ def dvc_executable() -> str:
 
 
 def run_dvc(args: list[str], root: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in `root`; on failure (with `check`) a UserError quoting DVC's own error line.
+
+    Never pass -q where a failure matters: -q silences DVC's ERROR line too."""
     proc = subprocess.run([dvc_executable(), *args], cwd=root, capture_output=True, text=True)
     if check and proc.returncode != 0:
-        text = (proc.stderr or proc.stdout).strip()
+        text = f"{proc.stderr}\n{proc.stdout}"
         if ".dvc/tmp/lock" in text or "Unable to acquire lock" in text:
             raise UserError(f"{root / '.dvc/tmp/lock'}: another dvc process holds the lock; wait for it, or if "
                             "none is running delete that file and retry")
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        first = next((line for line in lines if line.startswith("ERROR")), lines[0] if lines else "no output")
-        raise UserError(f"dvc {' '.join(args)} failed: {first.strip()}")
+        raise UserError(f"dvc {' '.join(args)} failed: {dvc_error_line(text, proc.returncode)}")
     return proc
+
+
+def dvc_error_line(text: str, returncode: int) -> str:
+    """DVC's first ERROR line, else its first line that is not a warning or the support footer
+    (passwords of remote URLs masked); the exit code when DVC printed nothing."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    others = [line for line in lines if not line.startswith(("WARNING", "Having any troubles?"))]
+    found = (errors or others or [None])[0]
+    return mask_text(found) if found else f"exit code {returncode} and no output"
 
 
 def is_dvc_repo(root: Path) -> bool:
@@ -71,3 +83,14 @@ def pull_data(root: Path, target: str = "data.dvc") -> bool:
     """dvc pull when the remote has the data; False (not an error) when it does not."""
     proc = run_dvc(["pull", "-q", target], root, check=False)
     return proc.returncode == 0
+
+
+def frozen_stages(root: Path) -> list[str]:
+    """The stages dvc.yaml marks `frozen: true` (plain YAML: no DVC import needed)."""
+    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    return [name for name, stage in stages.items() if isinstance(stage, dict) and stage.get("frozen")]
+
+
+def commit_stages(root: Path, stages: list[str]) -> None:
+    """`dvc commit -f STAGE...`: dvc.lock records those stages' deps, params and outs as they are now."""
+    run_dvc(["commit", "-f", *stages], root)

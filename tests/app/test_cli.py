@@ -36,3 +36,21 @@ def test_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
     debug = subprocess.run([cmd[0], "--debug", *cmd[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert "Traceback" in debug.stderr
+
+
+def test_pipeline_prints_the_dvc_lock_line_after_the_result(monkeypatch):
+    """The flow's dvc_lock line is printed on its own, last, not inside the JSON."""
+    import flows.training
+
+    seen = {}
+
+    def fake_pipeline(**kwargs):
+        seen.update(kwargs)
+        return {"metrics": {"val_accuracy": 0.5}, "dvc_lock": "dvc.lock not updated: run with -S overrides (x)"}
+
+    monkeypatch.setattr(flows.training, "training_pipeline", fake_pipeline)
+    result = CliRunner().invoke(app, ["pipeline", "-S", "data.dir=data/tex"])
+    assert result.exit_code == 0, result.output
+    assert seen["overrides"] == ["data.dir=data/tex"]
+    *body, last = result.output.strip().splitlines()
+    assert last == "dvc.lock not updated: run with -S overrides (x)" and "dvc_lock" not in "\n".join(body)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, write_shapes_dataset
+from tests.conftest import REPO, write_shapes_dataset, write_tiny_params
 
 BIN = Path(sys.executable).parent
 
@@ -92,3 +92,51 @@ def test_training_refuses_data_that_differs_from_data_dvc(repo):
     assert not (repo / "models").exists()
     dvc_status = sh([str(BIN / "dvc"), "status", "data.dvc"], repo).stdout
     assert "modified" in dvc_status
+
+
+def fresh_clone(tmp_path: Path) -> Path:
+    """What `git clone` gives: code, dvc.yaml, data.dvc (of data/digits) and params whose data.dir is
+    data/digits, but no data/ (never pulled); tiny training params."""
+    root = tmp_path / "clone"
+    shutil.copytree(REPO / "freezeflow", root / "freezeflow", ignore=shutil.ignore_patterns("__pycache__"))
+    write_tiny_params(root)
+    data = yaml.safe_load((root / "params" / "data.yaml").read_text())
+    (root / "params" / "data.yaml").write_text(yaml.safe_dump({**data, "dir": "data/digits"}, sort_keys=False))
+    sh(["git", "init", "-q"], root)
+    sh([str(BIN / "dvc"), "init", "-q"], root)
+    for name in ("dvc.yaml", ".dvcignore", "data.dvc"):
+        shutil.copy(REPO / name, root / name)
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "clone"], root)
+    return root
+
+
+def dvc_lock_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """The pipeline's dvc.lock line (Prefect's own log lines, e.g. its temporary server stopping, follow)."""
+    return [line for line in proc.stderr.splitlines() if line.startswith("dvc.lock")]
+
+
+@pytest.mark.slow
+def test_fresh_clone_ingest_then_pipeline_with_override_then_without(tmp_path):
+    """ingest tex; `pipeline -S data.dir=data/tex` trains, evaluates, registers and leaves dvc.lock
+    alone (one line says so); with data.dir in params/data.yaml, `pipeline` records dvc.lock."""
+    from mlflow import MlflowClient
+
+    root = fresh_clone(tmp_path)
+    assert not (root / "data").exists()
+    env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}  # the flow's temporary Prefect server
+    src = write_shapes_dataset(tmp_path / "tex", classes=3, per_class=10)
+    sh([str(BIN / "freezeflow"), "ingest", str(src), "--name", "tex"], root, env=env)
+    proc = sh([str(BIN / "freezeflow"), "pipeline", "-S", "data.dir=data/tex"], root, env=env)
+    [line] = dvc_lock_lines(proc)
+    assert line.startswith("dvc.lock not updated: run with -S overrides (data.dir=data/tex); params/*.yaml stay")
+    assert not (root / "dvc.lock").exists()
+    assert json.loads((root / "reports" / "eval.json").read_text())["split"] == "test"
+    registry = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    assert str(registry.get_model_version_by_alias("tex", "champion").version) == "1"
+
+    data = yaml.safe_load((root / "params" / "data.yaml").read_text())
+    (root / "params" / "data.yaml").write_text(yaml.safe_dump({**data, "dir": "data/tex"}, sort_keys=False))
+    proc = sh([str(BIN / "freezeflow"), "pipeline"], root, env=env)
+    assert dvc_lock_lines(proc) == ["dvc.lock updated: prepare, train, evaluate (and frozen tune)"]
+    assert "up to date" in sh([str(BIN / "dvc"), "status"], root).stdout.lower()
