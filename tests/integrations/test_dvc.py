@@ -157,7 +157,7 @@ def test_stage_deps_name_no_module_its_command_does_not_run(stage):
 def test_the_closure_follows_lazy_imports_and_stops_at_other_commands():
     prepare, train = closure_files("prepare"), closure_files("train")
     assert "freezeflow/core/data/prepare.py" in prepare  # imported inside steps.prepare_step
-    assert "freezeflow/core/train/engine.py" in train and "freezeflow/core/train/engine.py" not in prepare
+    assert "freezeflow/core/train/loop.py" in train and "freezeflow/core/train/loop.py" not in prepare
     assert "freezeflow/integrations/tracking.py" in train and "freezeflow/integrations/tracking.py" not in prepare
     for stage in STAGES:  # other commands' modules: ingest, data digits, the servers, the report
         for path in ("freezeflow/app/photosets.py", "freezeflow/app/sample_data.py",
@@ -230,7 +230,7 @@ def locked_project(dvc_project):
     return root, env
 
 
-EDITED = ("freezeflow/core/data/images.py", "freezeflow/core/train/engine.py", "freezeflow/integrations/tracking.py",
+EDITED = ("freezeflow/core/data/images.py", "freezeflow/core/train/loop.py", "freezeflow/integrations/tracking.py",
           "freezeflow/app/cli.py", "freezeflow/integrations/tune.py", "freezeflow/app/photosets.py")
 
 
