@@ -32,7 +32,8 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from freezeflow.core.data.prepare import Prepared, hash_files
+from freezeflow.core.data.folders import combine_digests
+from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.errors import UserError
 from freezeflow.core.infer.evaluate import evaluate_model
 from freezeflow.core.models.io import ModelInfo, load_model
@@ -111,16 +112,14 @@ class Gate:
 
 
 def val_split_hash(prepared: Prepared) -> str:
-    """md5 over the sorted (relative path, md5 of bytes) of the val split's files (core's hash_files), read
-    from prepare's manifest: two scores with the same hash were measured on the same images. When a file is
-    gone from the data folder, md5 of the val file names and the dataset's content hash instead."""
+    """md5 over the sorted (relative path, md5 of bytes) of the val split's files, from prepare's manifest
+    (which records each file's content hash): two scores with the same hash were measured on the same images."""
     manifest = json.loads((prepared.root / "manifest.json").read_text())
-    root = Path(manifest["dir"])
-    names = sorted(manifest["files"][i] for i in prepared.split["val"])
-    try:
-        return hash_files([root / name for name in names], root)
-    except OSError:
-        return hashlib.md5("\n".join([prepared.data_hash, *names]).encode()).hexdigest()
+    names = [manifest["files"][i] for i in prepared.split["val"]]
+    digests = manifest.get("digests")
+    if digests is None:  # a manifest of an older prepare: names and the dataset's content hash
+        return hashlib.md5("\n".join([prepared.data_hash, *sorted(names)]).encode()).hexdigest()
+    return combine_digests(sorted((manifest["files"][i], digests[i]) for i in prepared.split["val"]))
 
 
 def score_model(loaded: tuple[torch.nn.Module, ModelInfo], prepared: Prepared,
