@@ -15,22 +15,11 @@ import torch
 from freezeflow.core.io import load_trusted
 from freezeflow.core.layout import Layout
 from freezeflow.core.params import load_params
-from freezeflow.core.train.callbacks import Callback
+from tests.core.train.test_loop import StopAfter
 from freezeflow.core.train.run import main, run_training
 from tests.conftest import tiny_overrides
 
 TIMINGS = ("epoch_time_s", "train_time_s", "images_per_s", "data_wait_fraction")  # wall clock: differ by run
-
-
-class StopAfter(Callback):
-    """A crash right after epoch `epoch` was checkpointed."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_epoch_end(self, report) -> None:
-        if report.epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def overrides_for(data: Path, strategy: str) -> list[str]:
