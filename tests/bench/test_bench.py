@@ -67,7 +67,8 @@ def test_loader_has_plain_and_cache_rows_with_and_without_augmentation(reports):
     rows = {c["name"]: c for c in report["contenders"]}
     assert set(rows) == {"plain-w0", "plain-w2", "freezeflow-cache", "plain-w0-aug", "plain-w2-aug",
                          "freezeflow-cache-aug"}
-    assert all(row["images"] == 28 for row in rows.values())  # the whole train split, once
+    train = reports["recipes"]["split_check"]["sizes"]["train"]
+    assert all(row["images"] == train for row in rows.values())  # the whole train split, once
     assert [c["augment"] for c in report["comparisons"]] == [False, True]
     assert all(c["ratio_vs_plain_w0"] > 0 for c in report["comparisons"])
 
@@ -76,7 +77,9 @@ def test_limit_compares_head_training_with_one_inference_pass(reports):
     report = reports["limit"]
     check_common(report)
     assert [c["name"] for c in report["contenders"]] == ["inference", "freezeflow-head"]
-    assert report["contenders"][0]["images"] == 28 and report["contenders"][0]["train_val_images"] == 34
+    sizes = reports["recipes"]["split_check"]["sizes"]  # the content-hash split of the 40 files
+    assert report["contenders"][0]["images"] == sizes["train"]
+    assert report["contenders"][0]["train_val_images"] == sizes["train"] + sizes["val"]
     assert report["ratio"] > 0 and report["targets"][0]["name"] == "limit"
 
 
