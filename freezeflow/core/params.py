@@ -83,6 +83,12 @@ class AugmentParams:
 
 
 @dataclass(frozen=True)
+class CacheParams:
+    max_gb: float = bounded(20.0, 0.0, None, "disk budget of cache/features in GB: past it the least recently "
+                            "used entries are pruned (0 = unbounded; see `freezeflow cache`)")
+
+
+@dataclass(frozen=True)
 class LrFindParams:
     start: float = bounded(1e-7, 0.0, 10.0, "lr finder: first lr of the range test", lo_open=True)
     end: float = bounded(1.0, 0.0, 10.0, "lr finder: last lr of the range test", lo_open=True)
@@ -136,6 +142,7 @@ class TrainParams:
     cache_features: str = choice("auto", ("auto", "on", "off"), "cache the frozen prefix's output")
     augment_views: int = bounded(0, 0, 64, "augmented views per image in the feature cache")
     feature_memory_mb: int = bounded(2048, 0, None, "feature caches larger than this are memory-mapped")
+    cache: CacheParams = field(default_factory=CacheParams)
     freeze: FreezeParams = field(default_factory=FreezeParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
     use_best: bool = documented(False, "overlay params/best.yaml (written by tune) on these params")

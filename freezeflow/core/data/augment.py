@@ -39,6 +39,18 @@ def sample_affine(n: int, params: AugmentParams, generator: torch.Generator) -> 
 
 def augment_batch(x: torch.Tensor, params: AugmentParams, generator: torch.Generator) -> torch.Tensor:
     """x: (B, C, H, W) float -> augmented (B, C, H, W). The generator lives on the CPU (reproducible)."""
-    theta = sample_affine(x.shape[0], params, generator).to(device=x.device, dtype=x.dtype)
+    return warp_batch(x, sample_affine(x.shape[0], params, generator))
+
+
+def augment_seeded(x: torch.Tensor, params: AugmentParams, seeds: list[int]) -> torch.Tensor:
+    """Like augment_batch, but image i's transform comes from its own seed: the same image gets the
+    same view in any batch (what a per-image feature cache needs)."""
+    theta = torch.cat([sample_affine(1, params, torch.Generator().manual_seed(s)) for s in seeds])
+    return warp_batch(x, theta)
+
+
+def warp_batch(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """One grid_sample of x (B, C, H, W) through the affine matrices theta (B, 2, 3)."""
+    theta = theta.to(device=x.device, dtype=x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

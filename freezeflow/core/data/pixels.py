@@ -6,21 +6,17 @@ those M, and removing, renaming or relabelling (moving between class folders) de
 One store per decode setting, `prepared/.pixels/<S>px-<key>/` (the key hashes DECODE_VERSION,
 image_size, max_pixels and min_side: everything that changes the decoded rows or the skip reason):
     pixels-<id>.npy   uint8 (n, 3, S, S): the rows of one batch of newly decoded files
-    pixels-<id>.json  that chunk's index: {"rows": [md5 of row 0, ...], "skipped": {md5: reason}}
-A chunk counts only once its index exists. The rows are written to a temp name, fsynced and
-renamed (core.io.open_atomic), and only then the index, so a run killed mid-prepare leaves at
-most rows that no index names; no reader ever uses them, and the next writer removes them.
-Writers hold an exclusive lock on the store (released if the holder dies).
+    pixels-<id>.json  that chunk's index: {"rows": [md5 of row 0, ...], "checksum": ..., "skipped": {md5: reason}}
+It is a core.chunks store: a run killed mid-prepare leaves at most rows that no index names (no
+reader uses them, the next writer removes them), and a chunk whose bytes changed on disk fails its
+checksum and is decoded again. Writers hold an exclusive lock on the store (released if the holder dies).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +26,7 @@ import numpy as np
 
 from freezeflow.core.data.images import read_rgb
 from freezeflow.core.data.preprocess import resize_pixels
-from freezeflow.core.io import open_atomic, write_json_atomic
+from freezeflow.core import chunks
 from freezeflow.core.params import DataParams
 
 DECODE_VERSION = 1  # bump when the decode (images) or resize (preprocess) code changes: old rows then miss
@@ -54,47 +50,28 @@ def store_dir(out_root: Path, params: DataParams) -> Path:
     return Path(out_root) / ".pixels" / f"{params.image_size}px-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-@contextlib.contextmanager
-def store_lock(store: Path) -> Iterator[bool]:
+PREFIX = "pixels"
+
+
+def store_lock(store: Path):
     """Hold the store's writer lock; yields False where there is no flock (Windows): then nothing is cleaned."""
-    store.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        yield False
-        return
-    with open(store / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return chunks.store_lock(store)
 
 
 def remove_orphans(store: Path) -> None:
-    """Delete what killed writers left: temp files and rows without an index (call under the lock)."""
-    for path in store.glob(".pixels-*.tmp"):
-        path.unlink(missing_ok=True)
-    for path in store.glob("pixels-*.npy"):
-        if not path.with_suffix(".json").exists():
-            path.unlink(missing_ok=True)
+    chunks.remove_orphans(store, PREFIX)
 
 
-def read_index(store: Path) -> StoreIndex:
-    """The union of the committed chunks' indexes; one that cannot be read (or lost its rows) counts as absent."""
-    rows: dict[str, tuple[str, int]] = {}
+def read_index(store: Path, verify: bool = False) -> StoreIndex:
+    """The union of the committed chunks' indexes. verify=True (under the lock): chunks whose bytes no
+    longer match their checksum are deleted first, so their contents count as never decoded."""
+    committed = chunks.read_chunks(store, PREFIX)
+    if verify:
+        committed = chunks.drop_corrupt(store, committed, {c.name for c in committed})
     skipped: dict[str, str] = {}
-    for index in sorted(store.glob("pixels-*.json")):
-        if not index.with_suffix(".npy").exists():
-            continue
-        try:
-            entry = json.loads(index.read_text())
-        except (OSError, ValueError):
-            continue
-        for row, digest in enumerate(entry["rows"]):
-            rows.setdefault(digest, (index.stem, row))
-        skipped.update(entry["skipped"])
-    return StoreIndex(rows, skipped)
+    for chunk in committed:
+        skipped.update(chunk.extra.get("skipped", {}))
+    return StoreIndex(chunks.locate(committed), skipped)
 
 
 def decode_file(path: Path, params: DataParams) -> tuple[np.ndarray | None, str | None]:
@@ -138,21 +115,10 @@ def decode_missing(store: Path, todo: list[tuple[Path, str]], params: DataParams
 
 
 def write_chunk(store: Path, rows: np.ndarray, digests: list[str], skipped: dict[str, str]) -> str:
-    """Commit one chunk: rows first (temp name, fsync, rename), then its index. Returns its name."""
-    name = f"pixels-{uuid.uuid4().hex[:16]}"  # unique: a chunk is never overwritten
-    with open_atomic(store / f"{name}.npy") as handle:
-        np.save(handle, np.ascontiguousarray(rows))
-    write_json_atomic(store / f"{name}.json", {"rows": digests, "skipped": skipped})
-    return name
+    """Commit one chunk of decoded rows (core.chunks.write_chunk). Returns its name."""
+    return chunks.write_chunk(store, PREFIX, rows, digests, {"skipped": skipped})
 
 
 def copy_rows(store: Path, locations: list[tuple[str, int]], out: np.ndarray) -> None:
-    """out[i] = the store's row locations[i], for out uint8 (N, 3, S, S); one memory-map per chunk."""
-    by_chunk: dict[str, tuple[list[int], list[int]]] = {}
-    for i, (chunk, row) in enumerate(locations):
-        dst, src = by_chunk.setdefault(chunk, ([], []))
-        dst.append(i)
-        src.append(row)
-    for chunk, (dst, src) in by_chunk.items():
-        pixels = np.load(store / f"{chunk}.npy", mmap_mode="r")
-        out[np.asarray(dst)] = pixels[np.asarray(src)]
+    """out[i] = the store's row locations[i], for out uint8 (N, 3, S, S)."""
+    chunks.copy_rows(store, locations, out)

@@ -54,6 +54,8 @@ class Prepared:
     key: str
     name: str
     decoded: int = 0  # files decoded by the prepare call that returned this (0: all from the store)
+    digests: tuple[str, ...] = ()  # md5 of each row's file bytes: what per-image caches are keyed by
+    pixels: str = ""  # the pixel store (decode setting) the rows came from: the rest of a row's identity
 
     @property
     def image_size(self) -> int:
@@ -183,7 +185,7 @@ def prepare_dataset(params: DataParams, out_root: Path = Path("prepared"),
         if exclusive:
             pixels.remove_orphans(store)
             remove_stale_views(target)
-        todo = missing_contents(items, digests, pixels.read_index(store))
+        todo = missing_contents(items, digests, pixels.read_index(store, verify=exclusive))
         decoded = pixels.decode_missing(store, todo, params, progress)
         build_prepared(root, classes, items, digests, pixels.read_index(store), store,
                        Meta(params, data_hash, key, decoded), target)
@@ -262,6 +264,8 @@ def load_prepared(target: Path) -> Prepared:
         data_hash=manifest["data_hash"],
         key=manifest["key"],
         name=target.parent.name,
+        digests=tuple(manifest["digests"]),
+        pixels=manifest["pixels"],
     )
 
 

@@ -1,18 +1,22 @@
 """Frozen-feature cache: a frozen prefix gives the same output every epoch, so compute it once.
 
 `FeatureCache.level(k)` returns the output of stages 0..k-1 for every image of each split, as
-fp16 numpy arrays (in RAM, or memory-mapped past the memory budget): (V, N, C, H, W) for train (V augmented views, cycled by epoch) and (1, N, ...) for val and
-test. Features of a *pretrained* prefix are stored on disk under a key (data, backbone, weights,
-k, preprocessing, views) and reused across epochs, runs and sweep trials. Features of a prefix
-this run has trained (FreezeOut) live only as long as the run, extended stage by stage.
+fp16 numpy arrays (in RAM, or memory-mapped past the memory budget): (V, N, C, H, W) for train
+(V augmented views, cycled by epoch) and (1, N, ...) for val and test. Features of a *pretrained*
+prefix come from the shared per-image store (core.train.feature_store: one row per image content
+and view), so epochs, runs, sweep trials and retrains on grown data compute each row once.
+Features of a prefix this run has trained (FreezeOut) live only as long as the run, extended
+stage by stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,12 +24,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from freezeflow.core.train import distributed
-from freezeflow.core.data.augment import augment_batch
+from freezeflow.core import chunks
+from freezeflow.core.train import distributed, feature_store
+from freezeflow.core.train.feature_store import FEATURE_VERSION
+from freezeflow.core.data.augment import augment_batch, augment_seeded
 from freezeflow.core.params import AugmentParams, TrainParams
 from freezeflow.core.io import open_atomic
 
-FEATURE_VERSION = 4  # 2: BatchNorm folded into convs for extraction; 3: augmentation seeded per batch; 4: AdaBN
+CHUNK_BYTES = 64 << 20  # feature rows computed between two commits: what a killed run can lose, at most
 
 
 @torch.no_grad()
@@ -72,8 +78,9 @@ def make_inference_prefix(stages: list[torch.nn.Module], example: torch.Tensor) 
 
 def feature_key(data_key: str, backbone: str, weights: str, level: int, augment: AugmentParams | None,
                 views: int, seed: int, bn_adapt: bool = False) -> str:
-    """Everything that changes a pretrained prefix's output. A local weights file adds its stat;
-    bn_adapt: BatchNorm statistics re-estimated on the training images (freezeflow.core.models.batchnorm)."""
+    """Key of what depends on the whole dataset (AdaBN statistics, freezeflow.core.models.batchnorm): the
+    data, backbone and weights (a local weights file adds its stat). Per-image features are keyed by
+    feature_store instead."""
     weights_id = weights
     if Path(weights).is_file():
         st = Path(weights).stat()
@@ -88,7 +95,8 @@ def feature_key(data_key: str, backbone: str, weights: str, level: int, augment:
 class FeatureSpec:
     """What a cached level depends on and where it is kept: built once per trainer by `feature_spec`."""
 
-    key_fn: Callable[[int], str]  # level k -> disk key of a pretrained prefix's features (see feature_key)
+    backbone: str
+    source: str  # the decode setting of the rows (the pixel store's name): part of each stored row's identity
     root: Path | None  # shared cache folder (cache/features); None: nothing is stored
     run_root: Path | None = None  # where run-local (trained-prefix) levels live, for an exact resume
     memory_mb: int = 2048  # levels larger than this stay memory-mapped
@@ -96,17 +104,19 @@ class FeatureSpec:
     views: int = 0  # augmented views per train image; 0: the images as they are
     seed: int = 0
     batch_size: int = 256
+    max_bytes: int = 0  # disk budget of root (train.cache.max_gb); 0: unbounded
 
 
-def feature_spec(backbone: str, data_key: str, train: TrainParams, root: Path | None,
+def feature_spec(backbone: str, source: str, train: TrainParams, root: Path | None,
                  run_root: Path | None) -> FeatureSpec:
-    """The cache of a training with `train` params on the prepared data `data_key`."""
-    def key_fn(k: int) -> str:
-        return f"{backbone}-L{k}-" + feature_key(data_key, backbone, train.weights, k, train.augment,
-                                                 train.augment_views, train.seed, train.bn_adapt)
+    """The cache of a training with `train` params on rows decoded with setting `source`."""
+    return FeatureSpec(backbone, source, root, run_root, train.feature_memory_mb, train.augment, train.augment_views,
+                       train.seed, max_bytes=int(train.cache.max_gb * 2**30))
 
-    return FeatureSpec(key_fn, root, run_root, train.feature_memory_mb, train.augment, train.augment_views,
-                       train.seed)
+
+def row_digests(images: np.ndarray) -> tuple[str, ...]:
+    """md5 of each decoded row: the content address where file digests are not known."""
+    return tuple(hashlib.md5(memoryview(np.ascontiguousarray(row)).cast("B")).hexdigest() for row in images)
 
 
 class FeatureCache:
@@ -115,15 +125,18 @@ class FeatureCache:
 
     def __init__(self, model: torch.nn.Module, images: np.ndarray, split: dict[str, np.ndarray],
                  normalize: Callable[[torch.Tensor], torch.Tensor], spec: FeatureSpec,
-                 world: distributed.World | None = None):
+                 world: distributed.World | None = None, digests: tuple[str, ...] = ()):
         self.model, self.images, self.split, self.normalize, self.spec = model, images, split, normalize, spec
+        self.digests = digests or row_digests(images)  # (N,) content address of each image row
         self.device = next(model.parameters()).device
         self.memory_bytes = spec.memory_mb * 2**20
         self.progress: Callable[[str, int, int], None] | None = None  # (label, done, total), e.g. a bar
         self.world = world or distributed.World()  # under torchrun each rank builds a part of each level
         self.current: tuple[int, dict[str, np.ndarray]] | None = None  # (level, split -> features)
         self.trained_from: int | None = None  # lowest stage index this run has trained
-        self.builds = 0  # how many levels were computed (not loaded): for tests and reports
+        self.builds = 0  # how many (split, level) arrays needed computing: for tests and reports
+        self.rows_computed = 0  # feature rows (image x view) this process computed, not loaded
+        self.build_seconds = 0.0  # time spent computing them
 
     def mark_trained(self, lowest_trainable: int) -> None:
         """Stages >= lowest_trainable have been trained in this run: their outputs are run-local."""
@@ -142,19 +155,18 @@ class FeatureCache:
         return feats
 
     def split_level(self, k: int, name: str, previous: tuple | None) -> np.ndarray:
-        """Load from disk or build. A prefix this run trained (FreezeOut) is grown from the level
-        below and kept with the checkpoint (exact resume); a pretrained prefix is shared by key."""
-        pretrained = self.trained_from is None or k <= self.trained_from
-        if pretrained:
-            folder = self.spec.root / self.spec.key_fn(k) if self.spec.root is not None else None
-            build = lambda part: self.compute(name, k, part)  # noqa: E731
+        """From the shared store, for a pretrained prefix; a prefix this run trained (FreezeOut) is
+        grown from the level below and kept with the checkpoint (exact resume)."""
+        if self.trained_from is None or k <= self.trained_from:
+            if self.spec.root is None:  # nothing is stored: every rank computes the whole level
+                return self.compute(name, k)
+            return self.stored_level(k, name)
+        folder = self.spec.run_root / f"L{k}" if self.spec.run_root is not None else None
+        if previous is not None and name in previous[1]:
+            build = lambda part: self.extend(previous[1][name], previous[0], k, part)  # noqa: E731
         else:
-            folder = self.spec.run_root / f"L{k}" if self.spec.run_root is not None else None
-            if previous is not None and name in previous[1]:
-                build = lambda part: self.extend(previous[1][name], previous[0], k, part)  # noqa: E731
-            else:
-                build = lambda part: self.compute(name, k, part)  # noqa: E731
-        if folder is None:  # nowhere to share parts: every rank builds the whole level
+            build = lambda part: self.compute(name, k, part)  # noqa: E731
+        if folder is None:
             return build(None)
         return self.load_or_build(folder / f"{name}.npy", build, len(self.split[name]))
 
@@ -163,40 +175,86 @@ class FeatureCache:
         if self.spec.run_root is not None:
             shutil.rmtree(self.spec.run_root, ignore_errors=True)
 
-    def views_for(self, name: str) -> int:
-        return max(self.spec.views, 1) if name == "train" else 1
+    def view_ids(self, name: str) -> list[str]:
+        """The views a split is cached in: the train split's augmented views, else `plain`."""
+        if name == "train":
+            return feature_store.view_ids(self.spec.views, self.spec.augment, self.spec.seed)
+        return ["plain"]
 
-    def batch_starts(self, n: int, part: tuple[int, int] | None) -> range:
-        """Row offsets of the batches to compute: all, or batches [lo, hi) of this rank's part."""
-        lo, hi = part if part is not None else (0, -(-n // self.spec.batch_size))
-        return range(lo * self.spec.batch_size, min(hi * self.spec.batch_size, n), self.spec.batch_size)
+    # ---- the shared store ----------------------------------------------------------------------------
+    def store_path(self, k: int) -> Path:
+        digest = feature_store.prefix_digest(list(self.model.stages[:k]))
+        return self.spec.root / feature_store.store_name(self.spec.backbone, k, digest, self.spec.source)
+
+    def stored_level(self, k: int, name: str) -> np.ndarray:
+        """(V, N, ...) of split `name` from the store; rows it lacks are computed first, under its lock
+        (a second training waits, then finds them). Under torchrun each rank computes a part."""
+        store, views = self.store_path(k), self.view_ids(name)
+        keys = [f"{self.digests[i]}:{view}" for view in views for i in self.split[name]]  # view-major
+        lock = chunks.store_lock(store) if self.world.is_main else contextlib.nullcontext()
+        with lock:
+            missing = distributed.broadcast_object(feature_store.missing_keys(store, keys)
+                                                   if self.world.is_main else None)
+            if missing:
+                self.builds += 1
+                self.compute_missing(store, k, missing, f"features {name} (stages 0..{k - 1})")
+                if self.world.is_main:
+                    feature_store.describe_store(store, {"backbone": self.spec.backbone, "level": k,
+                                                         "source": self.spec.source})
+            distributed.barrier()
+            out = feature_store.gather_rows(store, keys, len(views), self.memory_bytes)
+        if self.spec.max_bytes and self.world.is_main:
+            feature_store.prune_entries(self.spec.root, self.spec.max_bytes, keep=frozenset({store.name}))
+        return out
+
+    def compute_missing(self, store: Path, k: int, missing: list[str], label: str) -> None:
+        """Compute this rank's part of the `missing` keys ("<md5>:<view>") and commit them chunk by chunk."""
+        row_of = {d: i for i, d in reversed(list(enumerate(self.digests)))}  # md5 -> first row with it
+        lo, hi = distributed.split_range(len(missing), self.world)
+        by_view: dict[str, list[str]] = {}
+        for key in missing[lo:hi]:
+            by_view.setdefault(key.rpartition(":")[2], []).append(key)
+        done, total = 0, hi - lo
+        for view, keys in by_view.items():
+            rows = np.array([row_of[key.rpartition(":")[0]] for key in keys], dtype=np.int64)
+            pos, block = 0, self.spec.batch_size  # the first block measures a row; then ~CHUNK_BYTES each
+            while pos < len(rows):
+                feats = self.compute_rows(k, rows[pos:pos + block], [view])[0]  # (n, C, H, W)
+                feature_store.write_rows(store, feats, keys[pos:pos + len(feats)])
+                pos, done = pos + len(feats), done + len(feats)
+                block = max(self.spec.batch_size, CHUNK_BYTES // max(1, feats[0].nbytes))
+                if self.progress is not None:
+                    self.progress(label, done, total)
+
+    def compute(self, name: str, k: int, part: tuple[int, int] | None = None) -> np.ndarray:
+        """(V, n, ...) fp16: split `name`'s images (all, or the batches of `part`) through stages 0..k-1."""
+        idx = self.split[name]
+        if part is not None:
+            idx = idx[part[0] * self.spec.batch_size:part[1] * self.spec.batch_size]
+        self.builds += 1
+        return self.compute_rows(k, idx, self.view_ids(name))
 
     @torch.no_grad()
-    def compute(self, name: str, k: int, part: tuple[int, int] | None = None) -> np.ndarray:
-        """(V, n, ...) fp16 on the CPU: images of split `name` (all, or the batches of `part`)
-        through stages 0..k-1. Augmentation is seeded per (view, batch): parts match a whole build."""
-        self.builds += 1
+    def compute_rows(self, k: int, rows: np.ndarray, views: list[str]) -> np.ndarray:
+        """(len(views), n, ...) fp16 on the CPU: image rows through stages 0..k-1. An augmented view of an
+        image is seeded by its content and the view (feature_store.view_seed): the same in any batch."""
+        started = time.perf_counter()
         for stage in self.model.stages[:k]:
             stage.eval()  # frozen stages: running statistics, never batch statistics
-        idx = self.split[name]
-        starts = self.batch_starts(len(idx), part)
-        example = self.normalize(torch.from_numpy(self.images[idx[:2]]).to(self.device))
+        example = self.normalize(torch.from_numpy(self.images[self.split["train"][:2]]).to(self.device))
         prefix = make_inference_prefix(list(self.model.stages[:k]), example)
-        views, first = self.views_for(name), starts.start if starts else 0
-        n_rows = min(starts.stop, len(idx)) - first if starts else 0
-        out = torch.empty((views, n_rows, *prefix(example[:1]).shape[1:]), dtype=torch.float16)  # (V, n, ...)
-        for view in range(views):
-            for i, start in enumerate(starts):
-                rows = idx[start:start + self.spec.batch_size]
-                x = self.normalize(torch.from_numpy(self.images[rows]).to(self.device))
-                if name == "train" and self.spec.views:
-                    gen = torch.Generator().manual_seed((self.spec.seed * 7919 + view) * 1_000_003 + start)
-                    x = augment_batch(x, self.spec.augment, gen)
+        out = torch.empty((len(views), len(rows), *prefix(example[:1]).shape[1:]), dtype=torch.float16)
+        for v, view in enumerate(views):
+            for start in range(0, len(rows), self.spec.batch_size):
+                batch = rows[start:start + self.spec.batch_size]
+                x = self.normalize(torch.from_numpy(self.images[batch]).to(self.device))
+                if view != "plain":
+                    seeds = [feature_store.view_seed(self.digests[i], view) for i in batch]
+                    x = augment_seeded(x, self.spec.augment, seeds)
                 x = prefix(x.contiguous(memory_format=torch.channels_last))
-                out[view, start - first:start - first + len(rows)] = x.to("cpu", torch.float16)
-                if self.progress is not None:
-                    self.progress(f"features {name} (stages 0..{k - 1})", view * len(starts) + i + 1,
-                                  views * len(starts))
+                out[v, start:start + len(batch)] = x.to("cpu", torch.float16)
+        self.rows_computed += len(views) * len(rows)
+        self.build_seconds += time.perf_counter() - started
         return out.numpy()
 
     @torch.no_grad()
@@ -207,20 +265,21 @@ class FeatureCache:
             stage.eval()
         example = torch.from_numpy(np.array(src[0, :2])).to(self.device).float()
         prefix = make_inference_prefix(list(self.model.stages[k0:k]), example)
-        starts = self.batch_starts(src.shape[1], part)
-        chunks = []
+        lo, hi = part if part is not None else (0, -(-src.shape[1] // self.spec.batch_size))
+        starts = range(lo * self.spec.batch_size, min(hi * self.spec.batch_size, src.shape[1]), self.spec.batch_size)
+        chunks_ = []
         for view in range(src.shape[0]):
             for start in starts:
                 rows = src[view, start:start + self.spec.batch_size]
                 x = torch.from_numpy(np.array(rows))  # a copy: a memmap is read-only
                 x = prefix(x.to(self.device).float().contiguous(memory_format=torch.channels_last))
-                chunks.append(x.to("cpu", torch.float16).contiguous())
-        if not chunks:
+                chunks_.append(x.to("cpu", torch.float16).contiguous())
+        if not chunks_:
             return np.empty((src.shape[0], 0, *prefix(example[:1]).shape[1:]), dtype=np.float16)
-        return torch.cat(chunks).unflatten(0, (src.shape[0], -1)).numpy()
+        return torch.cat(chunks_).unflatten(0, (src.shape[0], -1)).numpy()
 
     def load_or_build(self, path: Path, build: Callable, n: int) -> np.ndarray:
-        """Load a level's split from disk, or build it first (by parts across ranks under torchrun)."""
+        """Load a run-local level's split from disk, or build it first (by parts across ranks under torchrun)."""
         if not distributed.broadcast_object(path.exists()):  # rank 0 decides: all ranks take one branch
             if self.world.enabled:
                 self.build_shared(path, build, n)
@@ -230,7 +289,6 @@ class FeatureCache:
         if array.nbytes <= self.memory_bytes:  # small enough: hold in RAM, else stay memory-mapped
             array = np.ascontiguousarray(array)
         return array
-
 
     def build_shared(self, path: Path, build: Callable, n: int) -> None:
         """Each rank computes its contiguous run of batches; rank 0 joins the parts in rank order."""

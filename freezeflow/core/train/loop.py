@@ -127,7 +127,7 @@ class Trainer:
         self.stopper = EarlyStopping(self.model, params.early_stopping)  # keeps the best epoch's weights
         self.chance = chance_threshold(data.labels[self.split["val"]], int(self.model.classifier.out_features))
         self.cache = FeatureCache(self.model, self.images, self.split, self.normalize, spec.features,
-                                  self.world) if self.use_cache(params) else None
+                                  self.world, data.digests) if self.use_cache(params) else None
         if self.cache is not None:
             self.cache.progress = self.callbacks.on_feature_progress
         if params.compile:

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def build_trainer(params: Params, prepared: Prepared, layout: Layout, callbacks:
     plan = FreezePlan.from_params(params.train, len(model.stages))
     path = layout.checkpoint if checkpoint else None  # None: a layout or caller that writes no checkpoint
     run_root = path.parent / "run-features" if path is not None else None  # kept with the checkpoint
-    features = feature_spec(model.name, prepared.key, params.train, layout.features, run_root)
+    features = feature_spec(model.name, prepared.pixels, params.train, layout.features, run_root)
     spec = TrainerSpec(model, prepared, params.train, plan, normalization(params.train.backbone), features,
                        path, reference)
     return Trainer(spec, callbacks)
@@ -112,8 +113,10 @@ def run_training(params: Params, root: Path = Path("."), resume: bool = False,
     validate_params(params)
     world = distributed.init_distributed(params.train.device)  # under torchrun: join the group
     layout = Layout(Path(root))
+    started = time.perf_counter()
     with distributed.main_first():  # rank 0 decodes the images once, the others open its cache
         prepared = open_prepared(params, layout, progress if world.is_main else None)
+    prepare_s = time.perf_counter() - started
     params = resolve_lr(params, prepared, layout, resume, (callbacks or []) if world.is_main else [])
     reference = lambda: probe_head_accuracy(params, prepared, layout)  # noqa: E731 - asked for lazily
     trainer = build_trainer(params, prepared, layout, callbacks or [], reference=reference)
@@ -126,7 +129,8 @@ def run_training(params: Params, root: Path = Path("."), resume: bool = False,
     test_logits = trainer.predict_split_logits("test")
     y_test = prepared.labels[prepared.split["test"]]
     test = summarize_predictions(y_test, test_logits.argmax(1).numpy(), prepared.classes)
-    metrics = summarize_run(result, test["accuracy"], params, prepared) | {"processes": world.size}
+    metrics = summarize_run(result, test["accuracy"], params, prepared) | {"processes": world.size} | \
+        work_done(prepared, trainer, prepare_s)
     if world.is_main:
         write_outputs(trainer, prepared, params, metrics, result, layout)
     distributed.barrier()  # the others return once the outputs exist
@@ -166,6 +170,14 @@ def summarize_run(result: TrainResult, test_accuracy: float, params: Params, pre
         "data_hash": prepared.data_hash,
         "classes": len(prepared.classes),
     }
+
+
+def work_done(prepared: Prepared, trainer: Trainer, prepare_s: float) -> dict:
+    """What this run computed rather than reused: decoded images, feature rows (this process's), and their time."""
+    cache = trainer.cache
+    return {"images_decoded": prepared.decoded, "prepare_s": round(prepare_s, 4),
+            "feature_rows_computed": cache.rows_computed if cache else 0,
+            "feature_build_s": round(cache.build_seconds, 4) if cache else 0.0}
 
 
 def write_outputs(trainer: Trainer, prepared: Prepared, params: Params, metrics: dict, result: TrainResult,

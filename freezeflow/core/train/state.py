@@ -50,7 +50,7 @@ class TrainResult:
 def params_fingerprint(params: TrainParams, data_key: str) -> str:
     """What a checkpoint must match to be resumed (device and compile do not change the maths)."""
     d = asdict(params)
-    for key in ("device", "compile", "use_best"):
+    for key in ("device", "compile", "use_best", "cache"):  # cache: the disk budget, not the maths
         d.pop(key, None)
     return hashlib.sha256(json.dumps([d, data_key], sort_keys=True).encode()).hexdigest()[:16]
 

@@ -1,4 +1,4 @@
-"""Frozen-feature cache: rebuilt exactly when what it depends on changes, equal to a live forward pass,
+"""Frozen-feature cache: rows computed exactly when what they depend on changes, equal to a live forward pass,
 and training from it matches training without it (cache_features auto vs off)."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import pytest
 import torch
 import torchvision
 
-import freezeflow.core.train.features
 from freezeflow.core.data.prepare import prepare_dataset
 from freezeflow.core.io import load_trusted
 from freezeflow.core.layout import Layout
 from freezeflow.core.models.registry import build_backbone, normalization
 from freezeflow.core.params import load_params
+from freezeflow.core.train import feature_store
 from freezeflow.core.train.run import run_training
 from tests.conftest import tiny_overrides
 
@@ -39,10 +39,10 @@ def write_weights(path: Path, seed: int) -> Path:
     return path
 
 
-def cache_files(root: Path) -> dict[str, int]:
-    """{level folder/file: mtime_ns} of the shared feature cache."""
+def stores(root: Path) -> set[str]:
+    """Names of the feature stores in the shared cache."""
     folder = Layout(root).features
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*.npy")} if folder.exists() else {}
+    return {p.name for p in folder.iterdir() if p.is_dir()} if folder.exists() else set()
 
 
 def train(root: Path, data: Path, **extra) -> dict:
@@ -51,41 +51,53 @@ def train(root: Path, data: Path, **extra) -> dict:
     return run_training(params, root)
 
 
-def test_cache_is_rebuilt_exactly_when_its_inputs_change(project, shapes_dir, tmp_path, monkeypatch):
+def test_rows_are_computed_exactly_when_their_inputs_change(project, shapes_dir, tmp_path, monkeypatch):
     weights = write_weights(tmp_path / "w.pt", seed=0)
     base = {"train.weights": str(weights), "train.augment.enabled": "true", "train.augment_views": 1}
-    train(project, shapes_dir, **base)
-    before = cache_files(project)
-    assert len({name.split("/")[0] for name in before}) == 1 and before  # one level (L5): train, val, test
+    first = train(project, shapes_dir, **base)
+    sizes = {name: len(ix) for name, ix in prepare_dataset(
+        load_params(project / "params", tiny_overrides(shapes_dir)).data, Layout(project).prepared).split.items()}
+    everything, train_rows = sum(sizes.values()), sizes["train"]
+    assert first["feature_rows_computed"] == everything and len(stores(project)) == 1  # one level (L5)
+    assert train(project, shapes_dir, **base)["feature_rows_computed"] == 0, "nothing changed, yet rows were computed"
 
-    train(project, shapes_dir, **base)
-    assert cache_files(project) == before, "nothing changed, yet the cache was rebuilt"
-
-    changes = [
-        ("weights file rewritten", lambda: write_weights(weights, seed=1), {}),
-        ("augmentation params", None, {"train.augment.rotate": 5.0}),
-        ("number of views", None, {"train.augment_views": 2}),
-        ("seed (with augmented views)", None, {"train.seed": 1}),
-        ("feature version", lambda: monkeypatch.setattr(freezeflow.core.train.features, "FEATURE_VERSION",
-                                                        freezeflow.core.train.features.FEATURE_VERSION + 1), {}),
+    changes = [  # (what, action, overrides, rows it must compute: a new store, or new train views only)
+        ("weights file rewritten", lambda: write_weights(weights, seed=1), {}, everything),
+        ("augmentation params", None, {"train.augment.rotate": 5.0}, train_rows),
+        ("number of views", None, {"train.augment.rotate": 5.0, "train.augment_views": 2}, train_rows),
+        ("seed (with augmented views)", None, {"train.augment.rotate": 5.0, "train.seed": 1}, train_rows),
+        ("feature version", lambda: monkeypatch.setattr(feature_store, "FEATURE_VERSION",
+                                                        feature_store.FEATURE_VERSION + 1), {}, everything),
     ]
-    for what, act, extra in changes:
+    for what, act, extra, expected in changes:
         if act is not None:
             act()
-        train(project, shapes_dir, **(base | extra))
-        after = cache_files(project)
-        assert {k: v for k, v in after.items() if k in before} == before, f"{what}: an old level was rewritten"
-        assert len({name.split("/")[0] for name in set(after) - set(before)}) == 1, f"{what}: no new level built"
-        before = after
-        train(project, shapes_dir, **(base | extra))
-        assert cache_files(project) == before, f"{what}: the new level was not reused"
+        before = stores(project)
+        got = train(project, shapes_dir, **(base | extra))["feature_rows_computed"]
+        assert got == expected, f"{what}: {got} rows computed, expected {expected}"
+        assert len(stores(project) - before) == (expected == everything), f"{what}: wrong number of new stores"
+        assert train(project, shapes_dir, **(base | extra))["feature_rows_computed"] == 0, f"{what}: not reused"
 
 
-def test_seed_without_augmented_views_reuses_the_cache(project, shapes_dir):
+def test_the_same_weights_from_another_path_share_the_store(project, shapes_dir, tmp_path):
+    weights = write_weights(tmp_path / "w.pt", seed=0)
+    train(project, shapes_dir, **{"train.weights": str(weights)})
+    copy = tmp_path / "elsewhere.pt"
+    shutil.copy(weights, copy)  # same bytes, new path and mtime: the prefix's own weights are the key
+    assert train(project, shapes_dir, **{"train.weights": str(copy)})["feature_rows_computed"] == 0
+
+
+def test_seed_without_augmented_views_reuses_the_cache(project, shapes_dir, tmp_path):
+    weights = {"train.weights": str(write_weights(tmp_path / "w.pt", seed=0))}
+    train(project, shapes_dir, **weights)
+    assert train(project, shapes_dir, **weights, **{"train.seed": 1})["feature_rows_computed"] == 0  # plain rows
+
+
+def test_a_random_init_prefix_is_keyed_by_its_weights(project, shapes_dir):
+    """weights: none draws the prefix from train.seed: another seed is another prefix (its own store)."""
     train(project, shapes_dir)
-    before = cache_files(project)
-    train(project, shapes_dir, **{"train.seed": 1})  # un-augmented features do not depend on the seed
-    assert cache_files(project) == before
+    assert train(project, shapes_dir, **{"train.seed": 1})["feature_rows_computed"] > 0
+    assert len(stores(project)) == 2
 
 
 @torch.no_grad()
@@ -105,12 +117,14 @@ def test_cached_features_equal_a_live_forward_pass(project, shapes_dir, tmp_path
     train(project, shapes_dir, **overrides)  # gradual: levels 5, 4, 3, 2 of the pretrained prefix
     params = load_params(project / "params", tiny_overrides(shapes_dir))
     prepared = prepare_dataset(params.data, Layout(project).prepared)
-    levels = {p.name: p for p in Layout(project).features.iterdir()}
+    root = Layout(project).features
+    levels = {name: root / name for name in stores(project)}
     assert sorted(name.split("-")[1] for name in levels) == ["L2", "L3", "L4", "L5"]
-    for name, folder in levels.items():
+    for name, store in levels.items():
         level = int(name.split("-")[1][1:])
         for split in ("train", "val"):
-            cached = np.load(folder / f"{split}.npy")  # (V=1, N, C, H, W) fp16
+            keys = [f"{prepared.digests[i]}:plain" for i in prepared.split[split]]
+            cached = feature_store.gather_rows(store, keys, 1, 2**30)  # (V=1, N, C, H, W) fp16
             assert cached.dtype == np.float16 and cached.shape[0] == 1
             live = live_prefix(weights, prepared.images[prepared.split[split]], level)
             got = torch.from_numpy(cached[0].astype(np.float32))
