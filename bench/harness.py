@@ -18,6 +18,9 @@ Suites (all when none is named; a suite this machine cannot run is skipped with 
   quality  accuracy: every strategy at its defaults on three real photo folders built offline, against
            fastai fine_tune and Lightning BackboneFinetuning at theirs (bench_quality.py; needs the
            `bench` extras and scikit-image).
+  retrain  a scheduled retrain on grown data: `freezeflow pipeline` on a photo set, +30% new images, the
+           pipeline again; images decoded, feature rows computed, prepare + feature-build time and the gate's
+           two scores, for head and until (bench/retrain.py; needs the pipeline extras and scikit-image).
 
 Every contender runs in a fresh spawned process (peak RSS is per contender; `--tiny` shares one worker
 to stay fast), and contenders run alternately (repeat 1: A, B, C...; repeat 2: A, B, C...) so that
@@ -70,11 +73,11 @@ from freezeflow.core.params import AugmentParams, Params, load_params
 from freezeflow.core.data.prepare import Prepared, load_prepared, prepare_dataset
 from freezeflow.core.train.run import run_training
 
-SUITES = ("recipes", "loader", "limit", "sweep", "peers", "gpu", "quality")
+SUITES = ("recipes", "loader", "limit", "sweep", "peers", "gpu", "quality", "retrain")
 # suites in their own modules, imported only when they run: each has check_ready(settings) -> reason to skip
 # or None, run(ctx, pool) -> report body, render(report) -> Markdown lines
 EXTRA_SUITES = {"sweep": "bench.sweep", "peers": "bench.peers", "gpu": "bench.gpu",
-                "quality": "bench.quality"}
+                "quality": "bench.quality", "retrain": "bench.retrain"}
 STRATEGIES = ("head", "until", "gradual", "freezeout", "none")  # every core.strategies name, most frozen first
 # --slow-repeats applies to every recipes contender but the head pair (minutes per run on a small CPU)
 SLOW_CONTENDERS = tuple(f"{recipe}-{strategy}" for strategy in ("until", "gradual", "freezeout", "none")

@@ -22,6 +22,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Materialize bundled datasets.
 app.add_typer(data_app, name="data")
 server_app = typer.Typer(no_args_is_help=True, help="Team servers: MLflow tracking, Prefect orchestration.")
 app.add_typer(server_app, name="server")
+cache_app = typer.Typer(no_args_is_help=True, help="The frozen-feature cache (cache/features): list and prune it.")
+app.add_typer(cache_app, name="cache")
 
 STATE = {"debug": False}
 DISK_ERRORS = {errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EPERM, errno.EFBIG}
@@ -286,6 +288,48 @@ def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1"),
     uri = resolve_tracking_uri(ROOT.resolve())
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--host", host, "--port", str(port), "--workers", str(workers)])
+
+
+@cache_app.command("list")
+def cache_list(as_json: bool = typer.Option(False, "--json", help="One JSON object per entry.")) -> None:
+    """The cache's entries, least recently used first (what `prune` removes first).
+
+    Example: freezeflow cache list
+    """
+    from freezeflow.core.layout import Layout
+    from freezeflow.core.train.feature_store import list_entries
+
+    entries = [e.to_dict() for e in list_entries(Layout(ROOT).features)]
+    if as_json:
+        for entry in entries:
+            typer.echo(json.dumps(entry))
+        return
+    typer.echo(f"{'entry':<44} {'kind':<9} {'level':>5} {'rows':>8} {'MB':>9}  last used")
+    for e in entries:
+        typer.echo(f"{e['name']:<44} {e['kind']:<9} {e.get('level', ''):>5} {e['rows']:>8} {e['size_mb']:>9.2f}  "
+                   f"{e['last_used']}")
+    typer.echo(f"{len(entries)} entries, {sum(e['size_mb'] for e in entries):.2f} MB in {Layout(ROOT).features}")
+
+
+@cache_app.command("prune")
+def cache_prune(max_gb: Optional[float] = typer.Option(None, help="Keep at most this many GB (default: train.cache.max_gb; 0: no size limit)."),
+                older_than_days: Optional[float] = typer.Option(None, help="Also remove entries unused for this many days."),
+                everything: bool = typer.Option(False, "--all", help="Remove every entry not in use now.")) -> None:
+    """Remove least recently used entries until the cache fits; entries a training holds stay.
+
+    Example: freezeflow cache prune --max-gb 5 --older-than-days 30
+    """
+    from freezeflow.core.errors import ParamsError
+    from freezeflow.core.layout import Layout
+    from freezeflow.core.train.feature_store import prune_entries
+
+    if max_gb is not None and max_gb < 0:
+        raise ParamsError("freezeflow cache prune", "--max-gb", f"{max_gb}; allowed: >= 0")
+    limit = 0.0 if everything else (max_gb if max_gb is not None else load(None).train.cache.max_gb)
+    age = None if older_than_days is None else older_than_days * 86400
+    removed = prune_entries(Layout(ROOT).features, int(limit * 2**30) if everything or limit else None, age)
+    freed = sum(e.size_bytes for e in removed) / 2**20
+    echo(f"removed {len(removed)} entries ({freed:.2f} MB) from {Layout(ROOT).features}")
 
 
 @server_app.command("mlflow")

@@ -154,6 +154,12 @@ def encode_jpeg(image: Image.Image, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+def class_counts(name: str, per_class: int) -> dict[str, int]:
+    """Images per class of photo set `name`: per_class, and RARE_FRACTION of it for the rare class."""
+    spec = PHOTOSETS[name]
+    return {cls: max(4, int(per_class * RARE_FRACTION)) if cls == spec.rare else per_class for cls in spec.classes}
+
+
 def write_photoset(name: str, dest: Path, per_class: int = 130, seed: int = 0) -> dict:
     """Write photo set `name` as dest/<class>/<nnnn>.jpg; the rare class gets RARE_FRACTION of per_class."""
     if name not in PHOTOSETS:
@@ -164,7 +170,7 @@ def write_photoset(name: str, dest: Path, per_class: int = 130, seed: int = 0) -
     sources = load_sources(spec.sources)
     counts = {}
     for c, cls in enumerate(spec.classes):
-        n = max(4, int(per_class * RARE_FRACTION)) if cls == spec.rare else per_class
+        n = class_counts(name, per_class)[cls]
         rng = np.random.default_rng([seed, c])  # one stream per class: per_class changes no other class
         for i in range(n):
             image = spec.make(cls, rng, sources)

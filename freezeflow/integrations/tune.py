@@ -364,30 +364,13 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock between processes on this machine (released if the holder dies)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock, at worst two workers compute the same features
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def warm_feature_cache(trainer: Any, root: Path) -> None:
-    """Load (or build) the first epoch's frozen features under a lock on their cache key, so
-    parallel trials that freeze the same prefix build it once and the others read it from disk."""
+    """Load (or build) the first epoch's frozen features before the trial's clock starts. Parallel
+    trials that freeze the same prefix compute each row once: the store's lock
+    (core.train.feature_store) makes the others wait, then read the rows from disk."""
     if trainer.cache is None or trainer.frozen == 0:
         return
-    with file_lock(root / "cache" / "locks" / f"{trainer.cache.spec.key_fn(trainer.frozen)}.lock"):
-        trainer.cache.level(trainer.frozen)
+    trainer.cache.level(trainer.frozen)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from freezeflow.core.params import AugmentParams, TrainParams
 from freezeflow.core.io import open_atomic
 
 CHUNK_BYTES = 64 << 20  # feature rows computed between two commits: what a killed run can lose, at most
+EXTRACT_BATCH = 256  # images per forward pass of the frozen prefix (no gradients: larger than train batches)
 
 
 @torch.no_grad()
@@ -111,7 +112,7 @@ def feature_spec(backbone: str, source: str, train: TrainParams, root: Path | No
                  run_root: Path | None) -> FeatureSpec:
     """The cache of a training with `train` params on rows decoded with setting `source`."""
     return FeatureSpec(backbone, source, root, run_root, train.feature_memory_mb, train.augment, train.augment_views,
-                       train.seed, max_bytes=int(train.cache.max_gb * 2**30))
+                       train.seed, EXTRACT_BATCH, int(train.cache.max_gb * 2**30))
 
 
 def row_digests(images: np.ndarray) -> tuple[str, ...]:

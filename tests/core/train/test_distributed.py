@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from freezeflow.core import chunks
 from freezeflow.core.io import load_trusted
+from freezeflow.core.train import feature_store
 from freezeflow.core.train.distributed import World, shard_order, split_range
 from tests.conftest import BIN, tiny_overrides, write_shapes_dataset
 
@@ -74,12 +76,22 @@ def test_two_gloo_ranks_match_one_process_and_share_one_feature_cache(tmp_path, 
     a, b = load_trusted(one / "models" / "model.pt"), load_trusted(two / "models" / "model.pt")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
-    # the frozen prefix was computed once, by parts, into the same files a single process writes
-    files_two = sorted(p.relative_to(two / "cache") for p in (two / "cache").rglob("*.npy"))
-    assert files_two == sorted(p.relative_to(one / "cache") for p in (one / "cache").rglob("*.npy"))
-    assert not list((two / "cache").rglob(".*part*"))
-    for rel in files_two:
-        np.testing.assert_array_equal(np.load(two / "cache" / rel), np.load(one / "cache" / rel))
+    # the frozen prefix was computed once, by parts, into the same stores and rows a single process writes
+    rows_one, rows_two = stored_rows(one), stored_rows(two)
+    assert rows_one.keys() == rows_two.keys() and rows_one
+    for key, row in rows_one.items():
+        np.testing.assert_array_equal(rows_two[key], row, err_msg=key)
+    assert json.loads((two / "reports" / "metrics.json").read_text())["feature_rows_computed"] < len(rows_two)
+
+
+def stored_rows(root: Path) -> dict[str, np.ndarray]:
+    """(store, row key) -> the row, over every feature store of a project."""
+    rows = {}
+    for store in (root / "cache" / "features").iterdir():
+        for chunk in chunks.read_chunks(store, feature_store.PREFIX):
+            data = np.load(store / f"{chunk.name}.npy")
+            rows |= {f"{store.name}/{key}": data[i] for i, key in enumerate(chunk.keys)}
+    return rows
 
 
 def test_cli_nproc_logs_one_mlflow_run_and_trains_batchnorm_stages(tmp_path, project, data):

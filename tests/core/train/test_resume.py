@@ -19,7 +19,8 @@ from tests.core.train.test_loop import StopAfter
 from freezeflow.core.train.run import main, run_training
 from tests.conftest import tiny_overrides
 
-TIMINGS = ("epoch_time_s", "train_time_s", "images_per_s", "data_wait_fraction")  # wall clock: differ by run
+TIMINGS = ("epoch_time_s", "train_time_s", "images_per_s", "data_wait_fraction", "prepare_s", "feature_build_s",
+           "images_decoded", "feature_rows_computed")  # wall clock, and work a resumed run reuses: differ by run
 
 
 def overrides_for(data: Path, strategy: str) -> list[str]:
