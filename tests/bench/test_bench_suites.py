@@ -64,3 +64,21 @@ def test_gpu_suite_without_cuda_is_skipped_with_a_message(tmp_path, monkeypatch,
     assert harness.main(["gpu", "--tiny", "--out", str(tmp_path)]) == 0
     assert "skipped suite gpu: no CUDA device" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_retrain_suite_runs_the_pipeline_twice_and_the_second_run_reuses_the_first(tmp_path):
+    pytest.importorskip("skimage")
+    pytest.importorskip("prefect")
+    assert harness.main(["retrain", "--tiny", "--threads", "1", "--out", str(tmp_path)]) == 0
+    report = read_report(tmp_path, "retrain")
+    grown = report["dataset_grown"]
+    assert grown["added"] == grown["images_second"] - grown["images_first"] > 0
+    assert [r["strategy"] for r in report["rows"]] == ["head", "until"]
+    for row in report["rows"]:
+        first, second = row["first"], row["second"]
+        assert first["images_decoded"] == first["feature_rows_computed"] == grown["images_first"]
+        assert second["images_decoded"] == second["feature_rows_computed"] == row["added"] == grown["added"]
+        assert first["gate_champion_val"] is None and first["alias"] == "champion"  # nothing to beat yet
+        assert 0.0 <= second["gate_champion_val"] <= 1.0  # the champion re-scored on the new val split
+    assert len(report["targets"]) == 4

@@ -136,7 +136,8 @@ class CacheEntry:
     about: dict
 
     def to_dict(self) -> dict:
-        return {"name": self.path.name, "kind": self.kind, "size_mb": round(self.size_bytes / 2**20, 2),
+        return {"name": self.path.name, "kind": self.kind, "size_bytes": self.size_bytes,
+                "size_mb": round(self.size_bytes / 2**20, 2),
                 "rows": self.rows, "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(self.last_used)),
                 **{k: self.about[k] for k in ("backbone", "level") if k in self.about}}
 
