@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +38,9 @@ def prepare_cache_key(context, parameters: dict) -> str | None:
 
 @task(cache_key_fn=prepare_cache_key, persist_result=True)
 def prepare_task(root: str, params_dir: str, overrides: list[str], data_info: dict) -> dict:
-    """Decode + resize once into prepared/; returns where, with how many images and classes."""
+    """Decode + resize once into prepared/; returns where, with how many images and classes, how many
+    files this call decoded (only new contents) and how long it took."""
+    started = time.perf_counter()
     prepared = prepare_step(load_params(params_dir, overrides), Path(root))
-    return {"path": str(prepared.root), "images": int(len(prepared.labels)), "classes": prepared.classes}
+    return {"path": str(prepared.root), "images": int(len(prepared.labels)), "classes": prepared.classes,
+            "decoded": prepared.decoded, "seconds": round(time.perf_counter() - started, 3)}
