@@ -137,7 +137,7 @@ class FeatureCache:
         self.trained_from: int | None = None  # lowest stage index this run has trained
         self.builds = 0  # how many (split, level) arrays needed computing: for tests and reports
         self.rows_computed = 0  # feature rows (image x view) this process computed, not loaded
-        self.build_seconds = 0.0  # time spent computing them
+        self.build_seconds = 0.0  # time spent producing features: store checks, computing, gathering
 
     def mark_trained(self, lowest_trainable: int) -> None:
         """Stages >= lowest_trainable have been trained in this run: their outputs are run-local."""
@@ -190,6 +190,7 @@ class FeatureCache:
     def stored_level(self, k: int, name: str) -> np.ndarray:
         """(V, N, ...) of split `name` from the store; rows it lacks are computed first, under its lock
         (a second training waits, then finds them). Under torchrun each rank computes a part."""
+        started = time.perf_counter()
         store, views = self.store_path(k), self.view_ids(name)
         keys = [f"{self.digests[i]}:{view}" for view in views for i in self.split[name]]  # view-major
         lock = chunks.store_lock(store) if self.world.is_main else contextlib.nullcontext()
@@ -206,6 +207,7 @@ class FeatureCache:
             out = feature_store.gather_rows(store, keys, len(views), self.memory_bytes)
         if self.spec.max_bytes and self.world.is_main:
             feature_store.prune_entries(self.spec.root, self.spec.max_bytes, keep=frozenset({store.name}))
+        self.build_seconds += time.perf_counter() - started  # checks, computing and gathering: all of it
         return out
 
     def compute_missing(self, store: Path, k: int, missing: list[str], label: str) -> None:
@@ -255,7 +257,8 @@ class FeatureCache:
                 x = prefix(x.contiguous(memory_format=torch.channels_last))
                 out[v, start:start + len(batch)] = x.to("cpu", torch.float16)
         self.rows_computed += len(views) * len(rows)
-        self.build_seconds += time.perf_counter() - started
+        if self.spec.root is None or (self.trained_from is not None and k > self.trained_from):
+            self.build_seconds += time.perf_counter() - started  # not inside stored_level's own clock
         return out.numpy()
 
     @torch.no_grad()
