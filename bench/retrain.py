@@ -30,6 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 GROWTH = 0.3  # new images per old image, in every class
 RATIO_TARGET = 0.35  # second run's prepare + feature-build time over the first run's
 STRATEGIES = ("head", "until")
+# what the Makefile exports: no usage analytics (Prefect's server writes them to its sqlite at start)
+QUIET = {"DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+         "DO_NOT_TRACK": "1"}
 
 
 def check_ready(settings) -> str | None:
@@ -82,7 +85,8 @@ def make_project(project: Path, params_dir: Path) -> None:
 
 
 def freezeflow(project: Path, *args: str, threads: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect"), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect"), "PYTHONPATH": str(REPO),
+           **QUIET}
     if threads:  # --threads: torch's intra-op threads in the pipeline's process
         env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.run([sys.executable, "-c", "from freezeflow.app.cli import main; main()", *args], cwd=project,
