@@ -32,7 +32,9 @@ RATIO_TARGET = 0.35  # second run's prepare + feature-build time over the first 
 STRATEGIES = ("head", "until")
 # what the Makefile exports: no usage analytics (Prefect's server writes them to its sqlite at start)
 QUIET = {"DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-         "DO_NOT_TRACK": "1"}
+         "DO_NOT_TRACK": "1",
+         # a fresh PREFECT_HOME: the flow's temporary server creates its database first (>20 s on a busy CPU)
+         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 
 
 def check_ready(settings) -> str | None:
