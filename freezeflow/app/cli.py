@@ -208,6 +208,9 @@ def pipeline(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=
 
     Example: freezeflow pipeline -S train.epochs=5
     """
+    # the flow's temporary Prefect server creates its database on a fresh PREFECT_HOME: Prefect's 20 s
+    # default is too short for that on a small, busy machine (seen here: "Timed out ... ephemeral ... server")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.training import training_pipeline
 
     result = training_pipeline(params_dir=str(ROOT / "params"), overrides=list(sets or []), tune=tune,
