@@ -11,7 +11,7 @@ from freezeflow.app.cli import app
 from tests.conftest import BIN
 
 COMMANDS = ["ingest", "prepare", "train", "lr-find", "evaluate", "predict", "pipeline", "tune", "schedule", "report", "bench",
-            "ui", "data", "server"]
+            "ui", "data", "server", "cache"]
 
 
 def test_help_lists_every_subcommand():
@@ -23,8 +23,8 @@ def test_help_lists_every_subcommand():
     assert sorted(listed) == sorted(COMMANDS)
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c not in ("data", "server")]
-                         + ["data digits", "server mlflow", "server prefect"])
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c not in ("data", "server", "cache")]
+                         + ["data digits", "server mlflow", "server prefect", "cache list", "cache prune"])
 def test_each_subcommand_help_has_an_example(command):
     result = CliRunner().invoke(app, [*command.split(), "--help"], terminal_width=200)
     assert result.exit_code == 0 and "Example: freezeflow" in result.output, result.output
