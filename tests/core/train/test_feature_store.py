@@ -158,7 +158,8 @@ def test_two_trainings_at_once_on_one_cache_compute_each_row_once(tmp_path, shap
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0, err
     metrics = [json.loads((root / "reports" / "metrics.json").read_text()) for root in roots]
-    assert sorted(m["feature_rows_computed"] for m in metrics) == [0, 36]
+    # whoever holds a store's lock computes what is missing: the two may share the work, never repeat it
+    assert sum(m["feature_rows_computed"] for m in metrics) == 36
     same_result(*metrics)
     (store,) = [p for p in (tmp_path / "shared-cache" / "features").iterdir() if p.is_dir()]
     assert sum(len(c.keys) for c in chunks.read_chunks(store, feature_store.PREFIX)) == 36
