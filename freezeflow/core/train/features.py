@@ -137,6 +137,7 @@ class FeatureCache:
         self.trained_from: int | None = None  # lowest stage index this run has trained
         self.builds = 0  # how many (split, level) arrays needed computing: for tests and reports
         self.rows_computed = 0  # feature rows (image x view) this process computed, not loaded
+        self.stores: dict[int, Path] = {}  # level -> its store (store_path)
         self.build_seconds = 0.0  # time spent producing features: store checks, computing, gathering
 
     def mark_trained(self, lowest_trainable: int) -> None:
@@ -184,8 +185,12 @@ class FeatureCache:
 
     # ---- the shared store ----------------------------------------------------------------------------
     def store_path(self, k: int) -> Path:
-        digest = feature_store.prefix_digest(list(self.model.stages[:k]))
-        return self.spec.root / feature_store.store_name(self.spec.backbone, k, digest, self.spec.source)
+        """The store of level k; the prefix's weights are hashed once per level (stages below the
+        lowest trained one never change, and only those come from the store)."""
+        if k not in self.stores:
+            digest = feature_store.prefix_digest(list(self.model.stages[:k]))
+            self.stores[k] = self.spec.root / feature_store.store_name(self.spec.backbone, k, digest, self.spec.source)
+        return self.stores[k]
 
     def stored_level(self, k: int, name: str) -> np.ndarray:
         """(V, N, ...) of split `name` from the store; rows it lacks are computed first, under its lock
