@@ -116,10 +116,30 @@ def write_chunk(store: Path, prefix: str, rows: np.ndarray, keys: list[str], ext
 def chunk_is_intact(store: Path, chunk: Chunk) -> bool:
     """The chunk's rows load and match its checksum (a legacy chunk without one: if they load)."""
     try:
-        rows = np.load(store / f"{chunk.name}.npy", mmap_mode="r")
-        return chunk.checksum is None or rows_checksum(rows) == chunk.checksum
+        with open(store / f"{chunk.name}.npy", "rb") as handle:
+            shape, _, dtype = read_header(handle)
+            if chunk.checksum is None:
+                return True
+            digest, size = hashlib.sha256(), 0
+            while block := handle.read(READ_BLOCK):  # plain reads: ~4x faster than a cold memory-map
+                digest.update(block)
+                size += len(block)
+        return size == int(np.prod(shape)) * dtype.itemsize and "sha256:" + digest.hexdigest() == chunk.checksum
     except (OSError, ValueError):
         return False
+
+
+READ_BLOCK = 8 << 20
+
+
+def read_header(handle) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of an open .npy file, leaving it at the first row's byte."""
+    version = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(handle)
+    if fortran:
+        raise ValueError("chunks are C-order")
+    return shape, fortran, dtype
 
 
 def drop_corrupt(store: Path, chunks: list[Chunk], names: set[str]) -> list[Chunk]:
@@ -136,17 +156,99 @@ def drop_corrupt(store: Path, chunks: list[Chunk], names: set[str]) -> list[Chun
 
 
 def copy_rows(store: Path, locations: list[tuple[str, int]], out: np.ndarray) -> None:
-    """out[i] = the store's row locations[i]; one memory-map per chunk."""
+    """out[i] = the store's row locations[i] (out C-contiguous, (N, ...)): chunk by chunk, runs of rows
+    read straight into out."""
     by_chunk: dict[str, tuple[list[int], list[int]]] = {}
     for i, (chunk, row) in enumerate(locations):
         dst, src = by_chunk.setdefault(chunk, ([], []))
         dst.append(i)
         src.append(row)
     for chunk, (dst, src) in by_chunk.items():
-        rows = np.load(store / f"{chunk}.npy", mmap_mode="r")
-        out[np.asarray(dst)] = rows[np.asarray(src)]
+        copy_runs(store / f"{chunk}.npy", np.asarray(src), out, np.asarray(dst))
+
+
+def copy_runs(path: Path, src: np.ndarray, out: np.ndarray, dst: np.ndarray) -> None:
+    """out[dst] = rows[src] of the chunk at path. Rows are written in the order they are read, so both
+    sides are mostly runs of consecutive indices: each run is one read into out (a memory-map's page
+    faults are ~4x slower on a cold file, and fancy indexing ~4x slower on a warm one)."""
+    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+    with open(path, "rb", buffering=0) as handle:
+        shape, _, dtype = read_header(handle)
+        if len(breaks) > len(src) // 8 or dtype != out.dtype or tuple(shape[1:]) != out.shape[1:] \
+                or not out.flags.c_contiguous:  # scattered rows, or out of another layout: one fancy index
+            out[dst] = np.load(path, mmap_mode="r")[src]
+            return
+        start, row_bytes = handle.tell(), int(np.prod(shape[1:])) * dtype.itemsize
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(src)]):
+            first, n = int(src[lo]), int(hi - lo)
+            if first + n > shape[0]:
+                raise ValueError(f"{path}: rows {first}..{first + n - 1} of {shape[0]}")
+            target = memoryview(out[dst[lo]:dst[lo] + n]).cast("B")
+            handle.seek(start + first * row_bytes)
+            while len(target):  # a read can return less than asked (over 2 GiB on Linux)
+                got = handle.readinto(target)
+                if not got:
+                    raise ValueError(f"{path}: shorter than its header says")
+                target = target[got:]
 
 
 def store_bytes(store: Path) -> int:
     """Bytes on disk of everything in a store folder."""
     return sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+
+
+class ChunkRows:
+    """Rows spread over a store's chunks, read as one (N, ...) array without copying them together.
+
+    Row i is row where[i, 1] of arrays[where[i, 0]] (memory-mapped chunks). Indexing with an int, a
+    slice, a bool mask or an int array returns an ndarray: one fancy-index per chunk the rows touch.
+    A dataset grown by M rows thus needs only its M new rows written, not a copy of all N.
+    """
+
+    def __init__(self, arrays: list[np.ndarray], where: np.ndarray):
+        shapes = {(a.shape[1:], a.dtype) for a in arrays}
+        if len(shapes) > 1:
+            raise ValueError(f"chunks of different row shapes or dtypes: {sorted(map(str, shapes))}")
+        self.arrays, self.where = arrays, np.asarray(where, dtype=np.int64).reshape(-1, 2)
+        row_shape, self.dtype = next(iter(shapes)) if shapes else ((), np.dtype(np.uint8))
+        self.shape = (len(self.where), *row_shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            array, row = self.where[key]
+            return np.asarray(self.arrays[array][row])
+        if isinstance(key, tuple):
+            raise TypeError("ChunkRows takes one index (int, slice, mask or int array): select rows first")
+        idx = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        picked = self.where[idx]  # (n, 2): IndexError for a row out of range, as an array gives
+        out = np.empty((len(idx), *self.shape[1:]), self.dtype)
+        for array in np.unique(picked[:, 0]):
+            hit = picked[:, 0] == array
+            out[hit] = self.arrays[array][picked[hit, 1]]
+        return out
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[np.arange(len(self))]
+        return out if dtype is None else out.astype(dtype)
+
+
+def open_rows(store: Path, names: list[str], where: np.ndarray) -> ChunkRows:
+    """ChunkRows over the named chunks of a store; FileNotFoundError naming the first chunk that is gone."""
+    return ChunkRows([np.load(store / f"{name}.npy", mmap_mode="r") for name in names], where)

@@ -30,9 +30,18 @@ def list_files(folder: Path) -> list[Path]:
     """Non-hidden files under `folder`, recursively, hidden folders skipped, sorted by posix path."""
     found = []
     for here, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not is_hidden(Path(d))]  # prune in place: os.walk honours it
-        found += [Path(here, f) for f in files if not is_hidden(Path(f))]
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+        dirs[:] = [d for d in dirs if not is_hidden(d)]  # prune in place: os.walk honours it
+        found += [Path(here, f) for f in files if not is_hidden(f)]
+    return sorted(found, key=lambda p: relative_posix(folder, p))
+
+
+def relative_posix(root: Path, path: Path) -> str:
+    """`path` under `root` as a posix string. A string slice when path was built from root, as scans
+    build them (pathlib's relative_to costs ~40 us a file: 0.5 s per 10,000)."""
+    base, full = str(root), str(path)
+    if base != "." and full.startswith(base + os.sep):
+        return full[len(base) + 1:].replace(os.sep, "/")
+    return path.relative_to(root).as_posix()
 
 
 def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -248,4 +257,4 @@ def hash_folder(root: Path) -> str:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"cannot hash {root}: not a folder")
-    return combine_digests([(path.relative_to(root).as_posix(), md5_file(path)) for path in list_files(root)])
+    return combine_digests([(relative_posix(root, path), md5_file(path)) for path in list_files(root)])

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,9 +35,9 @@ REASONS = {
 }
 
 
-def is_hidden(path: Path) -> bool:
+def is_hidden(path: Path | str) -> bool:
     """True for dotfiles (.DS_Store, ._foo, .git) and OS litter (Thumbs.db, desktop.ini, __MACOSX)."""
-    name = Path(path).name
+    name = path.name if isinstance(path, Path) else os.path.basename(path)
     return name.startswith(".") or name.lower() in HIDDEN_NAMES
 
 

@@ -47,7 +47,12 @@ class StoreIndex:
 
 def store_dir(out_root: Path, params: DataParams) -> Path:
     blob = json.dumps([DECODE_VERSION, params.image_size, params.max_pixels, params.min_side])
-    return Path(out_root) / ".pixels" / f"{params.image_size}px-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    return store_path(out_root, f"{params.image_size}px-{hashlib.sha256(blob.encode()).hexdigest()[:12]}")
+
+
+def store_path(out_root: Path, name: str) -> Path:
+    """The store called `name` (a view's manifest records it) under a prepared folder."""
+    return Path(out_root) / ".pixels" / name
 
 
 PREFIX = "pixels"
@@ -118,7 +123,3 @@ def write_chunk(store: Path, rows: np.ndarray, digests: list[str], skipped: dict
     """Commit one chunk of decoded rows (core.chunks.write_chunk). Returns its name."""
     return chunks.write_chunk(store, PREFIX, rows, digests, {"skipped": skipped})
 
-
-def copy_rows(store: Path, locations: list[tuple[str, int]], out: np.ndarray) -> None:
-    """out[i] = the store's row locations[i], for out uint8 (N, 3, S, S)."""
-    chunks.copy_rows(store, locations, out)

@@ -1,16 +1,18 @@
-"""prepare: decode and resize each image content once into memory-mappable uint8 arrays, plus a split manifest.
+"""prepare: decode and resize each image content once into memory-mappable uint8 rows, plus a split manifest.
 
-Layout of one prepared dataset (`prepared/<dataset>/<key>/`, the view training reads):
-    images.npy    uint8 (N, 3, S, S): channel-first so torch.from_numpy gives model-ready tensors
+The decoded rows live in the pixel store (pixels.py, keyed by each file's md5): prepare decodes only
+contents the store lacks, so a grown dataset decodes its new files and a relabelled one nothing.
+A prepared dataset (`prepared/<dataset>/<key>/`, the view training reads) holds no pixels of its own:
+    rows.npy      int64 (N, 2): (chunk number, row) of each image in the pixel store's chunks
     labels.npy    int64 (N,)
     manifest.json classes, files, md5 per file, split indices, data hash, key, skipped files,
-                  decoded (files this build decoded)
+                  decoded (files this build decoded), pixels (the store) and chunks (its chunk names)
+`Prepared.images` reads it as one uint8 (N, 3, S, S) array, channel-first so torch.from_numpy gives
+model-ready tensors (chunks.ChunkRows over memory-mapped chunks): a new view costs its index, not
+a copy of every row. A view whose chunks are gone (pruned, or dropped as corrupt) is rebuilt.
 The key hashes the data's content hash with the preprocessing params, so a changed image or a
-new image_size gives a new folder. The decoded rows themselves live in the pixel store
-(pixels.py, keyed by each file's md5): a new view copies its rows from there and decodes only
-contents the store lacks, so a grown dataset decodes its new files and a relabelled one nothing.
-Each file's md5 is read once (prepared/.hashes keeps them per size and mtime) and serves the data
-hash, the split and the store.
+new image_size gives a new folder. Each file's md5 is read once (prepared/.hashes keeps them per
+size and mtime) and serves the data hash, the split and the store.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from typing import Callable
 
 import numpy as np
 
+from freezeflow.core import chunks
 from freezeflow.core.data import pixels
-from freezeflow.core.data.folders import combine_digests, md5_file, scan_image_folder
+from freezeflow.core.data.folders import combine_digests, md5_file, relative_posix, scan_image_folder
 from freezeflow.core.errors import DataError
 from freezeflow.core.layout import Layout, resolve_data_params
 from freezeflow.core.params import DataParams, Params, SplitParams
@@ -37,7 +40,8 @@ from freezeflow.core.io import write_json_atomic
 # Bump when the split or the view's layout changes: old views then miss (the decode code has its
 # own pixels.DECODE_VERSION, part of the key too).
 # 2: the split became a function of each file's content hash (it was a seeded permutation per class).
-PREPARE_VERSION = 2
+# 3: a view indexes the pixel store's chunks (rows.npy) instead of copying them into images.npy.
+PREPARE_VERSION = 3
 STAMP_VERSION = 2  # format of the per-file content-hash stamps in prepared/.hashes
 
 
@@ -46,7 +50,7 @@ class Prepared:
     """A prepared dataset: arrays are memory-mapped, never decoded again."""
 
     root: Path
-    images: np.ndarray  # uint8 (N, 3, S, S), memory-mapped
+    images: chunks.ChunkRows  # uint8 (N, 3, S, S) over the pixel store's memory-mapped chunks
     labels: np.ndarray  # int64 (N,)
     classes: list[str]
     split: dict[str, np.ndarray]  # name -> sorted indices into images
@@ -72,17 +76,20 @@ def compute_key(data_hash: str, params: DataParams) -> str:
 
 # --- content hashes --------------------------------------------------------------------------------
 
-def resolve_digests(root: Path, files: list[Path], cache_dir: Path) -> tuple[str, list[str]]:
+def resolve_digests(root: Path, files: list[Path], cache_dir: Path,
+                    names: list[str] | None = None) -> tuple[str, list[str]]:
     """(data hash, md5 of each file's bytes); a file is re-read only when its size or mtime changed.
 
     The per-file md5s are kept in one stamp per dataset folder (as DVC does), so a grown dataset
     reads only its new files. The data hash is hash_folder's: md5 over (posix path, md5) pairs.
+    `names`: each file's posix path under root, when the caller has them.
     """
     stamp = cache_dir / f"{hashlib.md5(str(root.resolve()).encode()).hexdigest()}.hash.json"
     saved = read_stamp(stamp)
     entries, digests, changed = {}, [], False
-    for path in files:
-        rel, st = path.relative_to(root).as_posix(), path.stat()
+    names = names if names is not None else [relative_posix(root, path) for path in files]
+    for path, rel in zip(files, names):
+        st = os.stat(path)
         known = saved.get(rel)
         if known and known[:2] == [st.st_size, st.st_mtime_ns]:
             file_md5 = known[2]
@@ -167,29 +174,40 @@ def assign_class(positions: dict[str, float], split: SplitParams) -> dict[str, s
 
 def prepare_dataset(params: DataParams, out_root: Path = Path("prepared"),
                     progress: Callable[[int, int], None] | None = None) -> Prepared:
-    """Decode + resize only contents the pixel store lacks; reuse the prepared arrays when nothing changed.
+    """Decode + resize only contents the pixel store lacks; reuse the prepared view when nothing changed.
 
     `prepared.decoded` counts the files decoded by this call (0 on a cache hit, M after M new files).
     """
     root, out_root = Path(params.dir), Path(out_root)
     classes, items = scan_image_folder(root)
-    data_hash, digests = resolve_digests(root, [path for path, _ in items], out_root / ".hashes")
+    names = [relative_posix(root, path) for path, _ in items]
+    data_hash, digests = resolve_digests(root, [path for path, _ in items], out_root / ".hashes", names)
     key = compute_key(data_hash, params)
     target = out_root / root.resolve().name / key
-    if (target / "manifest.json").exists():
-        return load_prepared(target)
+    if (view := open_view(target)) is not None:
+        return view
     store = pixels.store_dir(out_root, params)
     with pixels.store_lock(store) as exclusive:  # one writer per store: parallel prepares decode once
-        if (target / "manifest.json").exists():  # built by the writer we waited for
-            return load_prepared(target)
+        if (view := open_view(target)) is not None:  # built by the writer we waited for
+            return view
         if exclusive:
             pixels.remove_orphans(store)
             remove_stale_views(target)
         todo = missing_contents(items, digests, pixels.read_index(store, verify=exclusive))
         decoded = pixels.decode_missing(store, todo, params, progress)
-        build_prepared(root, classes, items, digests, pixels.read_index(store), store,
-                       Meta(params, data_hash, key, decoded), target)
+        listing = Listing(root, classes, [label for _, label in items], names, digests)
+        build_prepared(listing, pixels.read_index(store), store, Meta(params, data_hash, key, decoded), target)
     return replace(load_prepared(target), decoded=decoded)
+
+
+def open_view(target: Path) -> Prepared | None:
+    """The prepared view at target, or None when there is none or its pixel chunks are gone (then rebuilt)."""
+    if not (target / "manifest.json").exists():
+        return None
+    try:
+        return load_prepared(target)
+    except FileNotFoundError:
+        return None
 
 
 def missing_contents(items: list[tuple[Path, int]], digests: list[str],
@@ -200,6 +218,17 @@ def missing_contents(items: list[tuple[Path, int]], digests: list[str],
         if not index.knows(digest):
             todo.setdefault(digest, path)
     return [(path, digest) for digest, path in todo.items()]
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What the scan found: each file's label, posix path under root and md5, in scan order."""
+
+    root: Path
+    classes: list[str]
+    labels: list[int]
+    names: list[str]
+    digests: list[str]
 
 
 @dataclass(frozen=True)
@@ -218,46 +247,57 @@ def remove_stale_views(target: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def build_prepared(root: Path, classes: list[str], items: list[tuple[Path, int]], digests: list[str],
-                   index: pixels.StoreIndex, store: Path, meta: Meta, target: Path) -> None:
-    """Copy the dataset's rows out of the store into a temp folder, then rename it into place.
-
-    The view is one contiguous images.npy, so training reads (N, 3, S, S) as before; copying rows
-    decodes nothing. Files the store marks unusable are listed in the manifest and left out.
-    """
+def build_prepared(listing: Listing, index: pixels.StoreIndex, store: Path, meta: Meta, target: Path) -> None:
+    """Write the view (rows.npy: where each row lies in the store, labels, manifest) into a temp folder,
+    then rename it into place. Nothing is decoded or copied: a view of N files costs its index.
+    Files the store marks unusable are listed in the manifest and left out."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
+        digests = listing.digests
         keep = [i for i, digest in enumerate(digests) if digest in index.rows]
-        skipped = [{"file": str(items[i][0]), "reason": index.skipped.get(digests[i], "unreadable")}
+        skipped = [{"file": str(listing.root / listing.names[i]), "reason": index.skipped.get(digests[i], "unreadable")}
                    for i, digest in enumerate(digests) if digest not in index.rows]
-        size = meta.params.image_size
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
-                                           shape=(len(keep), 3, size, size))
-        pixels.copy_rows(store, [index.rows[digests[i]] for i in keep], images)
-        images.flush()
-        del images
-        labels = np.array([items[i][1] for i in keep], dtype=np.int64)
+        names = sorted({index.rows[digests[i]][0] for i in keep})
+        number = {name: n for n, name in enumerate(names)}
+        where = np.array([(number[index.rows[digests[i]][0]], index.rows[digests[i]][1]) for i in keep],
+                         dtype=np.int64).reshape(-1, 2)  # (N, 2): chunk number, row
+        np.save(tmp / "rows.npy", where)
+        labels = np.array([listing.labels[i] for i in keep], dtype=np.int64)
         np.save(tmp / "labels.npy", labels)
         kept_digests = [digests[i] for i in keep]
-        split = split_stratified(labels, kept_digests, meta.params.split, classes)
+        split = split_stratified(labels, kept_digests, meta.params.split, listing.classes)
         manifest = {
-            "key": meta.key, "data_hash": meta.data_hash, "dir": str(root), "classes": classes,
-            "files": [items[i][0].relative_to(root).as_posix() for i in keep], "digests": kept_digests,
-            "split": {k: v.tolist() for k, v in split.items()},
-            "image_size": size, "skipped": skipped, "decoded": meta.decoded, "pixels": store.name,
+            "key": meta.key, "data_hash": meta.data_hash, "dir": str(listing.root), "classes": listing.classes,
+            "files": [listing.names[i] for i in keep], "digests": kept_digests,
+            "split": {k: v.tolist() for k, v in split.items()}, "image_size": meta.params.image_size,
+            "skipped": skipped, "decoded": meta.decoded, "pixels": store.name, "chunks": names,
         }
         write_json_atomic(tmp / "manifest.json", manifest)
-        os.replace(tmp, target)
+        replace_view(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def replace_view(tmp: Path, target: Path) -> None:
+    """Rename tmp to target; a stale view there (its chunks gone) is moved aside first, then deleted."""
+    if target.exists():
+        aside = target.with_name(f".tmp-{target.name}-stale-{os.getpid()}")
+        os.replace(target, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    os.replace(tmp, target)
+
+
 def load_prepared(target: Path) -> Prepared:
+    """Open a prepared view; FileNotFoundError when it, or a pixel chunk it names, is gone."""
     manifest = json.loads((target / "manifest.json").read_text())
+    store = pixels.store_path(target.parent.parent, manifest["pixels"])
+    for name in manifest["chunks"]:  # a chunk counts only while its index exists (chunks.py)
+        if not (store / f"{name}.json").exists():
+            raise FileNotFoundError(f"{store / name}.json: a pixel chunk of {target} is gone")
     return Prepared(
         root=target,
-        images=np.load(target / "images.npy", mmap_mode="r"),
+        images=chunks.open_rows(store, manifest["chunks"], np.load(target / "rows.npy")),
         labels=np.load(target / "labels.npy"),
         classes=manifest["classes"],
         split={k: np.asarray(v, dtype=np.int64) for k, v in manifest["split"].items()},

@@ -138,6 +138,7 @@ class FeatureCache:
         self.builds = 0  # how many (split, level) arrays needed computing: for tests and reports
         self.rows_computed = 0  # feature rows (image x view) this process computed, not loaded
         self.stores: dict[int, Path] = {}  # level -> its store (store_path)
+        self.prefixes: dict[int, torch.nn.Module] = {}  # level -> its inference prefix, for stored levels
         self.build_seconds = 0.0  # time spent producing features: store checks, computing, gathering
 
     def mark_trained(self, lowest_trainable: int) -> None:
@@ -223,11 +224,14 @@ class FeatureCache:
         for key in missing[lo:hi]:
             by_view.setdefault(key.rpartition(":")[2], []).append(key)
         done, total = 0, hi - lo
+        if total and k not in self.prefixes:  # built once per level: stored levels' stages never change
+            self.prefixes[k] = self.inference_prefix(k)
+        prefix = self.prefixes.get(k)
         for view, keys in by_view.items():
             rows = np.array([row_of[key.rpartition(":")[0]] for key in keys], dtype=np.int64)
             pos, block = 0, self.spec.batch_size  # the first block measures a row; then ~CHUNK_BYTES each
             while pos < len(rows):
-                feats = self.compute_rows(k, rows[pos:pos + block], [view])[0]  # (n, C, H, W)
+                feats = self.compute_rows(k, rows[pos:pos + block], [view], prefix)[0]  # (n, C, H, W)
                 feature_store.write_rows(store, feats, keys[pos:pos + len(feats)])
                 pos, done = pos + len(feats), done + len(feats)
                 block = max(self.spec.batch_size, CHUNK_BYTES // max(1, feats[0].nbytes))
@@ -243,15 +247,23 @@ class FeatureCache:
         return self.compute_rows(k, idx, self.view_ids(name))
 
     @torch.no_grad()
-    def compute_rows(self, k: int, rows: np.ndarray, views: list[str]) -> np.ndarray:
-        """(len(views), n, ...) fp16 on the CPU: image rows through stages 0..k-1. An augmented view of an
-        image is seeded by its content and the view (feature_store.view_seed): the same in any batch."""
-        started = time.perf_counter()
+    def inference_prefix(self, k: int) -> torch.nn.Module:
+        """Stages 0..k-1 made fast for inference (make_inference_prefix), as they are now."""
         for stage in self.model.stages[:k]:
             stage.eval()  # frozen stages: running statistics, never batch statistics
         example = self.normalize(torch.from_numpy(self.images[self.split["train"][:2]]).to(self.device))
-        prefix = make_inference_prefix(list(self.model.stages[:k]), example)
-        out = torch.empty((len(views), len(rows), *prefix(example[:1]).shape[1:]), dtype=torch.float16)
+        return make_inference_prefix(list(self.model.stages[:k]), example)
+
+    @torch.no_grad()
+    def compute_rows(self, k: int, rows: np.ndarray, views: list[str],
+                     prefix: torch.nn.Module | None = None) -> np.ndarray:
+        """(len(views), n, ...) fp16 on the CPU: image rows through stages 0..k-1 (or `prefix`, built from
+        them). An augmented view of an image is seeded by its content and the view
+        (feature_store.view_seed): the same in any batch."""
+        started = time.perf_counter()
+        prefix = prefix if prefix is not None else self.inference_prefix(k)
+        example = self.normalize(torch.from_numpy(self.images[self.split["train"][:1]]).to(self.device))
+        out = torch.empty((len(views), len(rows), *prefix(example).shape[1:]), dtype=torch.float16)
         for v, view in enumerate(views):
             for start in range(0, len(rows), self.spec.batch_size):
                 batch = rows[start:start + self.spec.batch_size]

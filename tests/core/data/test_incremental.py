@@ -59,11 +59,12 @@ def manifest(prepared: Prepared) -> dict:
 
 
 def assert_same(one: Prepared, other: Prepared) -> None:
-    """Two prepares of the same data: same arrays, split and manifest (but for the decode count)."""
+    """Two prepares of the same data: same arrays, split and manifest (but for the decode count and
+    the pixel chunks the rows lie in: an incremental build's rows span more of them)."""
     assert np.array_equal(np.asarray(one.images), np.asarray(other.images))
     assert np.array_equal(one.labels, other.labels) and one.classes == other.classes
     assert all(np.array_equal(one.split[k], other.split[k]) for k in ("train", "val", "test"))
-    drop = lambda m: {k: v for k, v in m.items() if k != "decoded"}  # noqa: E731
+    drop = lambda m: {k: v for k, v in m.items() if k not in ("decoded", "chunks")}  # noqa: E731
     assert drop(manifest(one)) == drop(manifest(other))
 
 
@@ -154,3 +155,33 @@ def test_a_prepare_killed_mid_decode_is_completed_by_the_next(tmp_path, data):
     leftovers = [p.name for p in store.iterdir() if p.name.endswith(".tmp")
                  or (p.suffix == ".npy" and not p.with_suffix(".json").exists())]
     assert leftovers == []
+
+
+def test_a_grown_view_writes_its_index_not_a_copy_of_the_pixels(tmp_path, data):
+    first = prepare_dataset(params(data), tmp_path / "prepared")
+    grow(data, tmp_path, per_class=6)
+    grown = prepare_dataset(params(data), tmp_path / "prepared")
+    view_bytes = sum(p.stat().st_size for p in grown.root.iterdir())
+    assert view_bytes < grown.images.nbytes / 20, "the view must index the pixel store, not copy its rows"
+    assert set(manifest(first)["chunks"]) < set(manifest(grown)["chunks"])  # the old rows stay where they are
+    assert np.array_equal(np.asarray(grown.images), np.asarray(prepare_dataset(params(data), tmp_path / "c").images))
+
+
+def test_a_view_whose_pixel_chunk_is_gone_is_rebuilt(tmp_path, data, decodes):
+    """A chunk dropped as corrupt (or deleted by hand) makes the views that read it stale: the next
+    prepare decodes that chunk's contents again and publishes a whole view."""
+    pixels.CHUNK_BYTES, saved = 20 * 3 * 32 * 32, pixels.CHUNK_BYTES  # chunks of 20 rows
+    try:
+        first = prepare_dataset(params(data), tmp_path / "prepared")
+    finally:
+        pixels.CHUNK_BYTES = saved
+    store = pixels.store_dir(tmp_path / "prepared", params(data))
+    gone = manifest(first)["chunks"][1]
+    (store / f"{gone}.json").unlink()
+    (store / f"{gone}.npy").unlink()
+    decodes.clear()
+    rebuilt = prepare_dataset(params(data), tmp_path / "prepared")
+    assert rebuilt.decoded == 20 and len(decodes) == 20 and rebuilt.root == first.root
+    assert gone not in manifest(rebuilt)["chunks"]
+    assert_same(rebuilt, prepare_dataset(params(data), tmp_path / "clean"))
+    assert not list(rebuilt.root.parent.glob(".tmp-*")), "the stale view is removed, not left aside"

@@ -54,12 +54,12 @@ def test_prepare_decodes_once_and_reuses_the_cache(tmp_path, shapes_dir):
     out = tmp_path / "prepared"
     first = prepare_dataset(data_params(shapes_dir), out)
     assert first.images.shape == (36, 3, 32, 32) and first.images.dtype == np.uint8
-    assert isinstance(first.images, np.memmap)
-    stamp = os.stat(first.root / "images.npy").st_mtime_ns
+    assert all(isinstance(chunk, np.memmap) for chunk in first.images.arrays)
+    stamp = os.stat(first.root / "rows.npy").st_mtime_ns
     calls = []
     again = prepare_dataset(data_params(shapes_dir), out, progress=lambda d, t: calls.append(d))
     assert again.root == first.root and calls == [], "a second prepare must not decode anything"
-    assert os.stat(first.root / "images.npy").st_mtime_ns == stamp
+    assert os.stat(first.root / "rows.npy").st_mtime_ns == stamp
     bigger = prepare_dataset(data_params(shapes_dir, image_size=48), out)
     assert bigger.key != first.key and bigger.images.shape[-1] == 48
 
