@@ -149,7 +149,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--trials", type=int, default=12, help="sweep suite: trials per study")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
-                        help="recipes suite: comma-separated strategies to compare (default: all)")
+                        help="recipes and retrain suites: comma-separated strategies to compare (default: all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="gpu suite: cuda (auto) or cpu to smoke-test its code without a GPU")
     parser.add_argument("--datasets", default="textures,scenes,glyphs",

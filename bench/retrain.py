@@ -57,7 +57,7 @@ def run(ctx: harness.Context, pool) -> dict:
     old, new = split_source(full, old_counts, ctx.work / "retrain" / "source")
     old_info = {"images": sum(old_counts.values())}
     rows = []
-    for strategy in STRATEGIES:
+    for strategy in [x for x in STRATEGIES if x in s.strategies]:  # --strategies head: one of them
         project = ctx.work / "retrain" / strategy
         make_project(project, Path(s.params_dir))
         ingest(project, old, name)
