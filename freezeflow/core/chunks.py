@@ -9,6 +9,10 @@ A chunk counts only once its index exists. The rows are written first (temp name
 core.io.open_atomic), then the index, so a writer killed at any point leaves at most rows that no
 index names: no reader uses them and the next writer removes them. The checksum covers the rows'
 bytes: a chunk whose bytes changed on disk is detected (`drop_corrupt`) and removed, never read.
+The index also records the rows file's stat (size, mtime, ctime, inode) when it was written or last
+verified; as git and DVC do, a file whose stat is unchanged is not read again, so a check costs a
+stat per chunk, and only a changed, moved or restored file is read in full (any write to a file
+changes its mtime and ctime; bit rot that leaves both untouched is beyond this check).
 Writers hold the store's exclusive lock, which the kernel releases if the holder dies.
 """
 
@@ -20,7 +24,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,7 @@ class Chunk:
     keys: list[str]
     checksum: str | None  # None: written before checksums existed (trusted as is)
     extra: dict = field(default_factory=dict)
+    stat: tuple[int, ...] | None = None  # file_stat of the rows when written or last verified
 
 
 @contextlib.contextmanager
@@ -83,9 +88,10 @@ def read_chunks(store: Path, prefix: str) -> list[Chunk]:
         try:
             entry = json.loads(index.read_text())
             keys = list(entry.pop("rows"))
+            stat = tuple(entry.pop("stat")) if "stat" in entry else None
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        chunks.append(Chunk(index.stem, keys, entry.pop("checksum", None), entry))
+        chunks.append(Chunk(index.stem, keys, entry.pop("checksum", None), entry, stat))
     return chunks
 
 
@@ -109,8 +115,30 @@ def write_chunk(store: Path, prefix: str, rows: np.ndarray, keys: list[str], ext
     rows = np.ascontiguousarray(rows)
     with open_atomic(store / f"{name}.npy") as handle:
         np.save(handle, rows)
-    write_json_atomic(store / f"{name}.json", {"rows": keys, "checksum": rows_checksum(rows), **(extra or {})})
+    write_index(store, Chunk(name, keys, rows_checksum(rows), extra or {}, file_stat(store / f"{name}.npy")))
     return name
+
+
+def write_index(store: Path, chunk: Chunk) -> None:
+    """The chunk's index: what commits it (compact JSON: it lists every row's key)."""
+    entry = {"rows": chunk.keys, "checksum": chunk.checksum, **chunk.extra}
+    if chunk.stat is not None:
+        entry["stat"] = list(chunk.stat)
+    write_json_atomic(store / f"{chunk.name}.json", entry, indent=None)
+
+
+def file_stat(path: Path) -> tuple[int, ...]:
+    """(size, mtime_ns, ctime_ns, inode): what any write to, or replacement of, the file changes."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def chunk_is_unchanged(store: Path, chunk: Chunk) -> bool:
+    """The rows file has the stat its index recorded: not written to since it was checked."""
+    try:
+        return chunk.stat is not None and file_stat(store / f"{chunk.name}.npy") == chunk.stat
+    except OSError:
+        return False
 
 
 def chunk_is_intact(store: Path, chunk: Chunk) -> bool:
@@ -143,14 +171,19 @@ def read_header(handle) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 
 def drop_corrupt(store: Path, chunks: list[Chunk], names: set[str]) -> list[Chunk]:
-    """Check the chunks named in `names`; delete those that fail (index first: no reader sees them
-    again), and return the chunks that remain. Call under the lock."""
+    """Check the chunks named in `names` whose file changed since its last check: delete those that
+    fail their checksum (index first: no reader sees them again), record the new stat of those that
+    pass, and return the chunks that remain. Call under the lock."""
     kept = []
     for chunk in chunks:
-        if chunk.name in names and not chunk_is_intact(store, chunk):
-            (store / f"{chunk.name}.json").unlink(missing_ok=True)
-            (store / f"{chunk.name}.npy").unlink(missing_ok=True)
-            continue
+        if chunk.name in names and not chunk_is_unchanged(store, chunk):
+            if not chunk_is_intact(store, chunk):
+                (store / f"{chunk.name}.json").unlink(missing_ok=True)
+                (store / f"{chunk.name}.npy").unlink(missing_ok=True)
+                continue
+            if chunk.checksum is not None:  # verified as it is now: not read again until it changes
+                chunk = replace(chunk, stat=file_stat(store / f"{chunk.name}.npy"))
+                write_index(store, chunk)
         kept.append(chunk)
     return kept
 

@@ -3,6 +3,9 @@ and a chunk's checksum catches changed or missing bytes."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -65,5 +68,24 @@ def test_a_chunk_with_changed_or_missing_bytes_fails_its_checksum(store):
     other = root / f"{names[1]}.npy"
     other.write_bytes(other.read_bytes()[:-24])  # truncated: one row short
     assert not chunks.chunk_is_intact(root, committed[names[1]])
+    # a later write moves the file's mtime; within one timestamp tick of the commit it may not, so say so
+    os.utime(path, ns=(os.stat(path).st_atime_ns, committed[names[0]].stat[1] + 10**9))
+    assert not chunks.chunk_is_unchanged(root, committed[names[0]])
     assert chunks.drop_corrupt(root, list(committed.values()), set(names)) == []
     assert not list(root.glob("rows-*"))
+
+
+def test_a_check_reads_only_files_changed_since_the_last_one(store, tmp_path):
+    """The index records the rows file's stat: an untouched chunk costs a stat, a copied (or restored)
+    one is read in full once, passes, and has its new stat recorded."""
+    root, names, (a, _) = store
+    committed = chunks.read_chunks(root, "rows")
+    assert all(chunks.chunk_is_unchanged(root, c) for c in committed)  # recorded when written
+    copy = root.parent / f"{root.name}-copy"
+    shutil.copytree(root, copy)  # new inodes: every chunk counts as changed
+    moved = chunks.read_chunks(copy, "rows")
+    assert not any(chunks.chunk_is_unchanged(copy, c) for c in moved)
+    kept = chunks.drop_corrupt(copy, moved, {c.name for c in moved})
+    assert [c.name for c in kept] == [c.name for c in moved]
+    assert all(chunks.chunk_is_unchanged(copy, c) for c in chunks.read_chunks(copy, "rows"))
+    assert np.array_equal(np.load(copy / f"{names[0]}.npy"), a)

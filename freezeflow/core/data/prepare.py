@@ -98,7 +98,7 @@ def resolve_digests(root: Path, files: list[Path], cache_dir: Path,
         entries[rel] = [st.st_size, st.st_mtime_ns, file_md5]
         digests.append(file_md5)
     if changed or set(entries) != set(saved):
-        write_json_atomic(stamp, {"version": STAMP_VERSION, "files": entries})
+        write_json_atomic(stamp, {"version": STAMP_VERSION, "files": entries}, indent=None)
     return combine_digests([(rel, entry[2]) for rel, entry in entries.items()]), digests
 
 
@@ -273,7 +273,7 @@ def build_prepared(listing: Listing, index: pixels.StoreIndex, store: Path, meta
             "split": {k: v.tolist() for k, v in split.items()}, "image_size": meta.params.image_size,
             "skipped": skipped, "decoded": meta.decoded, "pixels": store.name, "chunks": names,
         }
-        write_json_atomic(tmp / "manifest.json", manifest)
+        write_json_atomic(tmp / "manifest.json", manifest, indent=None)  # compact: it lists every file
         replace_view(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
