@@ -12,11 +12,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from freezeflow.core.backbone_names import BACKBONE_NAMES  # the registry's names, torch-free
+from freezeflow.core.backbone_names import BACKBONE_NAMES, TIMM_SHOWN, is_timm_name  # the registry's, torch-free
 from freezeflow.core.errors import ParamsError
 from freezeflow.core.io import write_text_atomic
 from freezeflow.core.schedules import SCHEDULES as SCHEDULE_TABLE
@@ -27,8 +27,17 @@ SCHEDULES = tuple(SCHEDULE_TABLE)
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def choice(default: Any, choices: tuple, doc: str = "") -> Any:
-    return field(default=default, metadata={"choices": choices, "doc": doc})
+@dataclass(frozen=True)
+class OpenChoice:
+    """Values a `choice` field allows besides its listed choices, by pattern (train.backbone's timm/<name>)."""
+
+    accepts: Callable[[Any], bool]
+    shown: str  # how the one-line error writes it after the listed choices
+
+
+def choice(default: Any, choices: tuple, doc: str = "", also: OpenChoice | None = None) -> Any:
+    meta = {"choices": choices, "doc": doc} | ({"also": also} if also else {})
+    return field(default=default, metadata=meta)
 
 
 def bounded(default: Any, lo: float | None = None, hi: float | None = None, doc: str = "",
@@ -102,7 +111,8 @@ class LrFindParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    backbone: str = choice("efficientnet_lite0", BACKBONE_NAMES, "pretrained backbone")
+    backbone: str = choice("efficientnet_lite0", BACKBONE_NAMES, "pretrained backbone",
+                           also=OpenChoice(is_timm_name, TIMM_SHOWN))
     weights: str = documented("default", "`default` (ImageNet), `none`, a torchvision enum name or a .pth file")
     epochs: int = bounded(10, 1, 10_000, "training epochs")
     batch_size: int = bounded(64, 1, 65_536, "images per step")
@@ -436,8 +446,10 @@ def check_value(value: Any, kind: Any, meta: typing.Mapping, file: str, key: str
     if kind is str and isinstance(value, bool) and choices:
         value = {True: "on", False: "off"}[value]  # YAML 1.1 reads a bare on/off as a boolean
     value = coerce(value, kind, file, key)
-    if choices and value not in choices:
-        raise ParamsError(file, key, f"{value!r} is not allowed; allowed: {', '.join(map(str, choices))}")
+    also = meta.get("also")
+    if choices and value not in choices and not (also and also.accepts(value)):
+        shown = ", ".join(map(str, choices)) + (f", or {also.shown}" if also else "")
+        raise ParamsError(file, key, f"{value!r} is not allowed; allowed: {shown}")
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
         op = ">" if meta.get("lo_open") else ">="

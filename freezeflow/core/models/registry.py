@@ -6,21 +6,23 @@ last conv stage": global average pool + flatten (+ what the original classifier 
 its final Linear: convnext's LayerNorm, mobilenet_v3's Linear+Hardswish+Dropout, dropout
 for efficientnet) + the final Linear. The 1x1 conv that some nets run before pooling
 (efficientnet's 320->1280, mobilenet_v3's last conv) is part of the last conv stage.
-Weights specs are described in core.models.weights.
+Weights specs are described in core.models.weights. `timm/<name>` backbones are built by
+core.models.timm_backbone (timm's own parameter groups as stages, its pretrained_cfg for
+normalization); their specs are made on first use, not listed here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable
 
 import torchvision
 from torch import nn
 
-from freezeflow.core.backbone_names import BACKBONE_NAMES
+from freezeflow.core.backbone_names import BACKBONE_NAMES, TIMM_SHOWN, is_timm_name
 from freezeflow.core.errors import UserError
-from freezeflow.core.models import efficientnet_lite
+from freezeflow.core.models import efficientnet_lite, timm_backbone
 from freezeflow.core.models.staged import StagedNet, stage_names_for
 from freezeflow.core.models.weights import (Lite0Weights, TorchvisionWeights, WeightsSource, load_staged_state,
                                             read_weights)
@@ -53,6 +55,9 @@ class BackboneSpec:
     mean: Rgb = IMAGENET_MEAN  # per RGB channel, for inputs scaled to [0, 1]
     std: Rgb = IMAGENET_STD
     min_image_size: int = MIN_IMAGE_SIZE  # smallest input side (the last stage is then 1x1)
+    # resize filter of the weights' training recipe where known (timm's pretrained_cfg: bilinear, bicubic);
+    # informational: prepare resizes every backbone's images the same way (core.data.images)
+    interpolation: str | None = None
 
 
 def split_resnet(net: nn.Module) -> tuple[list[nn.Module], list[str]]:
@@ -117,9 +122,24 @@ if tuple(BACKBONES) != BACKBONE_NAMES:  # params validates against BACKBONE_NAME
 
 def get_backbone(name: str) -> BackboneSpec:
     """The spec of `name`; UserError naming the allowed backbones otherwise."""
+    if is_timm_name(name):
+        return timm_spec(name)
     if name not in BACKBONES:
-        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}, or {TIMM_SHOWN}")
     return BACKBONES[name]
+
+
+@lru_cache(maxsize=None)
+def timm_spec(name: str) -> BackboneSpec:
+    """timm/<name>'s spec from timm's pretrained_cfg (no model built); at least MIN_IMAGE_SIZE px."""
+    info = timm_backbone.describe_timm(name)
+    return BackboneSpec(name, partial(build_timm_parts, name), timm_backbone.TimmWeights(name), info.mean,
+                        info.std, max(MIN_IMAGE_SIZE, info.min_size, info.fixed_size), info.interpolation)
+
+
+def build_timm_parts(name: str) -> StagedParts:
+    model = build_backbone(name, weights="none")
+    return StagedParts(list(model.stages), model.stage_names, model.feature_dim)
 
 
 def normalization(name: str) -> tuple[Rgb, Rgb]:
@@ -142,6 +162,8 @@ def build_backbone(name: str, weights: str = "default", num_classes: int | None 
     spec = get_backbone(name)
     if num_classes is not None and num_classes < 1:
         raise UserError(f"num_classes must be a positive integer, got {num_classes}")
+    if is_timm_name(name):  # timm resolves and loads its own weights
+        return timm_backbone.build_timm_backbone(name, weights, num_classes, spec.min_image_size)
     parts = spec.build()
     model = StagedNet(name, parts.stages, parts.stage_names, parts.feature_dim)
     state, source = read_weights(name, spec.weights, weights)

@@ -55,7 +55,12 @@ def store_name(backbone: str, level: int, digest: str, source: str) -> str:
     """Folder of the store of `backbone`'s first `level` stages with weights `digest`, over rows decoded
     with setting `source` (the pixel store's name)."""
     blob = json.dumps([FEATURE_VERSION, backbone, level, digest, source])
-    return f"{backbone}-L{level}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    return f"{entry_stem(backbone)}-L{level}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def entry_stem(backbone: str) -> str:
+    """A backbone name as one path component: `timm/resnet18` -> `timm+resnet18` (one entry, not a folder)."""
+    return backbone.replace("/", "+")
 
 
 def view_ids(views: int, augment: AugmentParams | None, seed: int) -> list[str]:

@@ -57,8 +57,17 @@ def fold_batchnorm(module: torch.nn.Module, example: torch.Tensor) -> int:
         conv.weight.mul_(scale.view(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         conv.bias = torch.nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
-        bn.forward = torch.nn.Identity().forward  # type: ignore[method-assign]
+        bn.forward = folded_forward(bn)  # type: ignore[method-assign]
     return len(pairs)
+
+
+def folded_forward(bn: torch.nn.BatchNorm2d) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What is left of a BatchNorm once folded: nothing, or the dropout + activation that a fused
+    norm-act layer (timm's BatchNormAct2d: batch_norm, then drop, then act) runs after it."""
+    drop, act = getattr(bn, "drop", None), getattr(bn, "act", None)
+    if isinstance(drop, torch.nn.Module) and isinstance(act, torch.nn.Module):
+        return lambda x: act(drop(x))
+    return torch.nn.Identity().forward
 
 
 @torch.no_grad()

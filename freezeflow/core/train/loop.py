@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from freezeflow.core.train import distributed
+from freezeflow.core.train import distributed, feature_store
 from freezeflow.core.data.augment import augment_batch
 from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.models.batchnorm import adapt_or_load
@@ -138,7 +138,7 @@ class Trainer:
         """AdaBN: the body's BatchNorm statistics from the train images (one pass, before any
         feature is cached); stored beside the feature cache, so later runs and trials load them."""
         key = feature_key(self.data_key, self.model.name, self.params.weights, 0, None, 0, 0, bn_adapt=True)
-        path = root / f"{self.model.name}-adabn-{key}.pt" if root is not None else None
+        path = root / f"{feature_store.entry_stem(self.model.name)}-adabn-{key}.pt" if root is not None else None
         rows = self.split["train"]
         rows = rows[np.linspace(0, len(rows) - 1, min(len(rows), ADAPT_IMAGES)).astype(int)]  # sorted: by class
         batches = (self.to_layout(self.normalize(torch.from_numpy(self.images[rows[i:i + ADAPT_BATCH]])
