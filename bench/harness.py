@@ -21,6 +21,8 @@ Suites (all when none is named; a suite this machine cannot run is skipped with 
   retrain  a scheduled retrain on grown data: `freezeflow pipeline` on a photo set, +30% new images, the
            pipeline again; images decoded, feature rows computed, prepare + feature-build time and the gate's
            two scores, for head and until (bench/retrain.py; needs the pipeline extras and scikit-image).
+  serve    images/s through the registered model's pyfunc on PyTorch and onnxruntime, batch 1 and 64, against
+           PIL + torchvision transforms + the eager model (bench/serve.py; needs the pipeline and serve extras).
 
 Every contender runs in a fresh spawned process (peak RSS is per contender; `--tiny` shares one worker
 to stay fast), and contenders run alternately (repeat 1: A, B, C...; repeat 2: A, B, C...) so that
@@ -73,11 +75,11 @@ from freezeflow.core.params import AugmentParams, Params, load_params
 from freezeflow.core.data.prepare import Prepared, load_prepared, prepare_dataset
 from freezeflow.core.train.run import run_training
 
-SUITES = ("recipes", "loader", "limit", "sweep", "peers", "gpu", "quality", "retrain")
+SUITES = ("recipes", "loader", "limit", "sweep", "peers", "gpu", "quality", "retrain", "serve")
 # suites in their own modules, imported only when they run: each has check_ready(settings) -> reason to skip
 # or None, run(ctx, pool) -> report body, render(report) -> Markdown lines
 EXTRA_SUITES = {"sweep": "bench.sweep", "peers": "bench.peers", "gpu": "bench.gpu",
-                "quality": "bench.quality", "retrain": "bench.retrain"}
+                "quality": "bench.quality", "retrain": "bench.retrain", "serve": "bench.serve"}
 STRATEGIES = ("head", "until", "gradual", "freezeout", "none")  # every core.strategies name, most frozen first
 # --slow-repeats applies to every recipes contender but the head pair (minutes per run on a small CPU)
 SLOW_CONTENDERS = tuple(f"{recipe}-{strategy}" for strategy in ("until", "gradual", "freezeout", "none")

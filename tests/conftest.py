@@ -72,12 +72,13 @@ def draw_figure(kind: str, rng: np.random.Generator, size: int = 32) -> np.ndarr
     return img
 
 
-def write_figures_dataset(root: Path, per_class: int = 12) -> Path:
+def write_figures_dataset(root: Path, per_class: int = 12, suffix: str = ".png") -> Path:
+    """CLASSES x per_class figures; suffix ".jpg" writes real JPEG files (quality 90) instead of PNGs."""
     rng = np.random.default_rng(0)
     for kind in CLASSES:
         (root / kind).mkdir(parents=True)
         for i in range(per_class):
-            Image.fromarray(draw_figure(kind, rng)).save(root / kind / f"{i:02d}.png")
+            Image.fromarray(draw_figure(kind, rng)).save(root / kind / f"{i:02d}{suffix}", quality=90)
     return root
 
 

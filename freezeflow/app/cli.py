@@ -196,6 +196,24 @@ def predict(paths: List[Path] = typer.Argument(..., help="Image files or folders
 
 
 @app.command()
+def export(fmt: str = typer.Option("onnx", "--format", help="onnx (the one format)."),
+           model: Optional[str] = typer.Option(None, help="models:/NAME@alias, a run id, or a folder (default: models/)."),
+           out: Optional[Path] = typer.Option(None, "--out", help="File to write (default: exports/model.onnx)."),
+           sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=SET_HELP)) -> None:
+    """Export a trained model to ONNX (dynamic batch axis), checked against PyTorch on the val images.
+
+    Example: freezeflow export --format onnx --model models:/digits@champion
+    """
+    from freezeflow.app.steps import export_step
+
+    done = export_step(load(sets), ROOT, model, fmt, out)
+    logged = (f"logged to MLflow run {done['run_id']} (onnx/, onnx_parity_max_abs_diff)" if done["run_id"] else
+              "not logged to MLflow (a model folder has no run; --model models:/NAME@champion logs to its run)")
+    echo(f"{done['path']}: max abs diff of probabilities vs PyTorch {done['parity']:.2e} on {done['images']} "
+         f"val images; {logged}")
+
+
+@app.command()
 def pipeline(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=SET_HELP),
              tune: bool = typer.Option(False, help="Run the Optuna study before training."),
              allow_dirty_data: bool = typer.Option(False, help="Train even if data/ differs from data.dvc."),
@@ -246,8 +264,13 @@ def schedule(cron: str = typer.Option("0 3 * * 1", help="Cron expression (defaul
 
     Example: freezeflow schedule --cron "0 3 * * 1" --margin 0.005
     """
-    from flows.retrain import serve_schedule
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
 
+    from flows.retrain import serve_schedule
+    from freezeflow.integrations.servers import check_prefect_login
+
+    if PREFECT_API_URL.value():  # a server that wants PREFECT_API_AUTH_STRING: one line before anything registers
+        check_prefect_login(PREFECT_API_URL.value(), PREFECT_API_AUTH_STRING.value())
     serve_schedule(cron, str(ROOT.resolve()), margin, force, pool)
 
 
@@ -268,7 +291,7 @@ def report(runs: Optional[List[str]] = typer.Argument(None, help="MLflow run ids
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
-    """Benchmarks side by side (suites: recipes, loader, limit, sweep, peers, gpu); results in bench/results/.
+    """Benchmarks side by side (suites: recipes, loader, limit, sweep, peers, gpu, quality, retrain, serve); results in bench/results/.
 
     Example: freezeflow bench recipes loader --repeats 3 --epochs 10   (see: python -m bench --help)
     """
@@ -336,20 +359,23 @@ def cache_prune(max_gb: Optional[float] = typer.Option(None, help="Keep at most 
 
 
 @server_app.command("mlflow")
-def server_mlflow(backend_store_uri: Optional[str] = typer.Option(None, help="postgresql+psycopg2://USER@HOST:PORT/DB or sqlite:///PATH (default: the project's mlflow/mlflow.db)."),
+def server_mlflow(backend_store_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_BACKEND_STORE_URI", show_envvar=True, help="postgresql+psycopg2://USER@HOST:PORT/DB or sqlite:///PATH (default: the project's mlflow/mlflow.db); a URL with a password belongs in the variable, not the command line."),
                   artifacts: str = typer.Option("mlflow/artifacts", help="Artifact folder or s3://BUCKET/PREFIX (served through the server)."),
                   host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0: every one)."),
                   port: int = typer.Option(5000),
                   workers: int = typer.Option(2, help="uvicorn workers."),
-                  auth: bool = typer.Option(False, "--auth", help="MLflow's basic-auth app (pip install 'mlflow[auth]').")) -> None:
+                  auth: Optional[bool] = typer.Option(None, "--auth/--no-auth", help="MLflow's basic-auth app (default: on for any host but 127.0.0.1/::1/localhost; --no-auth there runs an open server and warns)."),
+                  admin_password_file: Optional[Path] = typer.Option(None, help="File whose first line is the admin password (else FREEZEFLOW_MLFLOW_ADMIN_PASSWORD or MLFLOW_AUTH_ADMIN_PASSWORD; admin name: FREEZEFLOW_MLFLOW_ADMIN_USERNAME, default admin)."),
+                  auth_database: Optional[str] = typer.Option(None, help="Users and permissions: sqlite:///PATH or postgresql+psycopg2://... (default: basic_auth.db beside a sqlite store, else the store's database).")) -> None:
     """Run an MLflow tracking server until Ctrl-C; prints the MLFLOW_TRACKING_URI clients set.
 
-    Example: freezeflow server mlflow --backend-store-uri postgresql+psycopg2://mlflow@db/mlflow --artifacts s3://bucket/mlflow --host 0.0.0.0
+    Example: freezeflow server mlflow --host 0.0.0.0 --admin-password-file ~/.config/freezeflow/mlflow-admin --backend-store-uri postgresql+psycopg2://mlflow@db/mlflow --artifacts s3://bucket/mlflow
     """
     from freezeflow.integrations.servers import mlflow_spec, serve
 
     store = backend_store_uri or f"sqlite:///{(ROOT / 'mlflow' / 'mlflow.db').resolve()}"
-    code = serve(mlflow_spec(store, artifacts, host, port, workers, auth))
+    code = serve(mlflow_spec(store, artifacts, host, port, workers, auth, admin_password_file=admin_password_file,
+                             auth_database=auth_database))
     if code:
         raise typer.Exit(code)
 
@@ -357,14 +383,16 @@ def server_mlflow(backend_store_uri: Optional[str] = typer.Option(None, help="po
 @server_app.command("prefect")
 def server_prefect(host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0: every one)."),
                    port: int = typer.Option(4200),
-                   database: Optional[str] = typer.Option(None, help="postgresql+asyncpg://USER@HOST:PORT/DB or sqlite+aiosqlite:///PATH (default: Prefect's sqlite under PREFECT_HOME).")) -> None:
+                   database: Optional[str] = typer.Option(None, envvar="PREFECT_SERVER_DATABASE_CONNECTION_URL", show_envvar=True, help="postgresql+asyncpg://USER@HOST:PORT/DB or sqlite+aiosqlite:///PATH (default: Prefect's sqlite under PREFECT_HOME); a URL with a password belongs in the variable."),
+                   auth: Optional[bool] = typer.Option(None, "--auth/--no-auth", help="Require the API auth string (default: on for any host but 127.0.0.1/::1/localhost; --no-auth there runs an open server and warns)."),
+                   auth_string_file: Optional[Path] = typer.Option(None, help="File whose first line is the auth string USER:PASSWORD (else FREEZEFLOW_PREFECT_AUTH_STRING or PREFECT_SERVER_API_AUTH_STRING).")) -> None:
     """Run a Prefect server until Ctrl-C; prints the PREFECT_API_URL clients and workers set.
 
-    Example: freezeflow server prefect --host 0.0.0.0 --database postgresql+asyncpg://prefect@db/prefect
+    Example: freezeflow server prefect --host 0.0.0.0 --auth-string-file ~/.config/freezeflow/prefect-auth --database postgresql+asyncpg://prefect@db/prefect
     """
     from freezeflow.integrations.servers import prefect_spec, serve
 
-    code = serve(prefect_spec(host, port, database))
+    code = serve(prefect_spec(host, port, database, auth, auth_string_file))
     if code:
         raise typer.Exit(code)
 

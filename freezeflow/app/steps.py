@@ -170,17 +170,53 @@ def register_step(params: Params, root: Path, run_id: str, margin: float = 0.0, 
                            prepared_at)
 
 
-def predict_step(root: Path, paths: list[Path], model_uri: str | None = None) -> list[dict]:
-    from freezeflow.core.models.io import load_model
-    from freezeflow.core.infer.predict import predict_files
-
+def load_step_model(root: Path, model_uri: str | None = None):
+    """(model, info) of `--model URI` (the registry's load_registered), else of the project's models/ folder."""
     if model_uri:
         from freezeflow.integrations.registry import load_registered
 
-        model, info = load_registered(model_uri)
-    else:
-        model, info = load_model(root / "models")
+        return load_registered(model_uri)
+    from freezeflow.core.models.io import load_model
+
+    return load_model(Layout(root).models)
+
+
+def predict_step(root: Path, paths: list[Path], model_uri: str | None = None) -> list[dict]:
+    from freezeflow.core.infer.predict import predict_files
+
+    model, info = load_step_model(root, model_uri)
     return predict_files(model, info, [Path(p) for p in paths])
+
+
+EXPORT_FORMATS = ("onnx",)
+
+
+def export_step(params: Params, root: Path, model_uri: str | None = None, fmt: str = "onnx",
+                out: Path | None = None) -> dict:
+    """`freezeflow export --format onnx`: the model (`--model URI`, else models/) as an ONNX file with a dynamic
+    batch axis, checked against PyTorch on the prepared val images at the model's size (integrations.onnx_runtime,
+    the code training runs for serve.runtime onnx); with a URI, the file and the parity figure go to the run
+    that logged the model. UserError (one line) when it cannot export or misses parity."""
+    if fmt not in EXPORT_FORMATS:  # before the imports below (torch, onnx): a typo answers at once
+        raise UserError(f"--format: {fmt!r} is not allowed; allowed: {', '.join(EXPORT_FORMATS)}")
+    from dataclasses import replace
+
+    from freezeflow.integrations.onnx_runtime import export_onnx, parity_pixels
+
+    model, info = load_step_model(root, model_uri)
+    params = resolve_data_params(params, root)
+    prepared = prepare_step(replace(params, data=replace(params.data, image_size=info.image_size)), root)
+    pixels = parity_pixels(prepared)
+    path = Path(root) / out if out else Layout(root).exports / "model.onnx"
+    parity = export_onnx(model, info, pixels, path, name=f"{model_uri or Layout(root).models} ({info.backbone})")
+    run_id = None
+    if model_uri:
+        from freezeflow.integrations.registry import run_id_of
+        from freezeflow.integrations.tracking import log_onnx_export
+
+        run_id = run_id_of(model_uri)
+        log_onnx_export(run_id, path, parity)
+    return {"path": str(path), "parity": parity, "images": int(len(pixels)), "run_id": run_id}
 
 
 def tune_step(root: Path, params_dir: str, overrides: list[str], workers: int | None, storage: str | None,

@@ -13,7 +13,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Layout:
-    """<root>/data, prepared/, cache/, checkpoints/, models/, reports/, params/, mlflow/, quarantine/."""
+    """<root>/data, prepared/, cache/, checkpoints/, models/, reports/, exports/, params/, mlflow/, quarantine/."""
 
     root: Path
 
@@ -65,6 +65,11 @@ class Layout:
     @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+    @property
+    def exports(self) -> Path:
+        """`freezeflow export` writes here (exports/model.onnx): outside models/, which the train stage owns."""
+        return self.root / "exports"
 
     @property
     def params(self) -> Path:

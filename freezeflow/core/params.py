@@ -1,8 +1,8 @@
 """Params: one frozen dataclass per file under params/, built from YAML with unknown keys rejected.
 
-`load_params(params_dir, ["train.lr=0.01"])` reads data.yaml, train.yaml, tune.yaml and
-evaluate.yaml, applies `-S file.key=value` overrides and validates every value. Every failure is
-a ParamsError naming the file, the key and what is allowed.
+`load_params(params_dir, ["train.lr=0.01"])` reads data.yaml, train.yaml, tune.yaml, evaluate.yaml and
+serve.yaml, applies `-S file.key=value` overrides and validates every value. Every failure is a ParamsError
+naming the file, the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -323,11 +323,23 @@ class EvaluateParams:
     batch_size: int = bounded(256, 1, None, "images per inference batch")
 
 
+@dataclass(frozen=True)
+class ServeParams:
+    runtime: str = choice("torch", ("torch", "onnx"), "what the registered MLflow model runs on: `torch` (weights.npz) "
+                          "or `onnx` (model.onnx on onnxruntime, exported and parity-checked when the model is logged)")
+    top_k: int = bounded(3, 1, None, "classes (with probabilities) in each served row's `top`; a request's "
+                         "params.top_k overrides it")
+    batch_size: int = bounded(64, 1, 65_536, "images per forward pass of the served model")
+    max_pixels: int = bounded(40_000_000, 1, None, "larger served images are rejected (that row's error) as "
+                              "decompression bombs")
+
+
 FILES: dict[str, type] = {
     "data": DataParams,
     "train": TrainParams,
     "tune": TuneParams,
     "evaluate": EvaluateParams,
+    "serve": ServeParams,
 }
 
 
@@ -337,6 +349,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     tune: TuneParams = field(default_factory=TuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    serve: ServeParams = field(default_factory=ServeParams)
 
 
 def read_yaml(path: Path) -> dict:
@@ -542,6 +555,8 @@ def describe_allowed(meta: typing.Mapping, kind: Any) -> str:
             allowed += f"{' and ' if allowed else ''}<= {meta['max']}"
     if meta.get("auto"):
         allowed += ", or auto"
+    if meta.get("also"):
+        allowed += f", or {meta['also'].shown}"
     return allowed or getattr(kind, "__name__", str(kind))
 
 

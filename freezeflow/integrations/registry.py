@@ -8,8 +8,9 @@ tracking.py logs the runs whose models get registered.
                run (gate_*) and on the new version.
     register   `register_model` makes a run's logged model a new version of a registered model.
     load       `load_registered` reads `models:/NAME@alias`, `models:/NAME/VERSION`, `runs:/ID/model`,
-               a bare run id or a local folder; weights are read weights-only, so loading never
-               unpickles anything that could run code.
+               a bare run id or a local folder; weights come from the served bundle's weights.npz
+               (allow_pickle=False) or, for older models, weights-only unpickling: loading never runs
+               code a file holds. `run_id_of` names the run that logged a model.
 
 The store: `tracking_uri` when given, else MLFLOW_TRACKING_URI, else a URI set with
 mlflow.set_tracking_uri, else the default store under the current folder (tracking.current_uri).
@@ -36,7 +37,7 @@ from freezeflow.core.data.folders import combine_digests
 from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.errors import UserError
 from freezeflow.core.infer.evaluate import evaluate_model
-from freezeflow.core.models.io import ModelInfo, load_model
+from freezeflow.core.models.io import WEIGHTS_NPZ, ModelInfo, load_bundle, load_model
 from freezeflow.integrations.secrets import first_line_masked, mask_url
 from freezeflow.integrations.tracking import MODEL_NAME, RUN_ID, WEIGHTS_DIR, current_uri, tracking_scope
 
@@ -237,6 +238,8 @@ def load_registered(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn
         return load_model(Path(uri))
     store = current_uri(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="freezeflow-model-") as tmp:
+        if (bundle := download_bundle(mlflow_uri, store, Path(tmp) / "bundle")) is not None:
+            return load_bundle(bundle)
         try:
             with tracking_scope(store):
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mlflow_uri, dst_path=tmp,
@@ -248,11 +251,49 @@ def load_registered(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn
         return load_downloaded(local, str(uri))
 
 
+def download_bundle(mlflow_uri: str, store: str, dest: Path) -> Path | None:
+    """The served pyfunc's artifacts/ folder alone (model.json, weights.npz: not its code copy); None when the
+    model has none (logged before it, or not found: the full download then says which)."""
+    dest.mkdir(parents=True)
+    try:
+        with tracking_scope(store):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{mlflow_uri}/artifacts", dst_path=str(dest),
+                                                             tracking_uri=store))
+    except (MlflowException, OSError):
+        return None
+    return local if (local / "model.json").exists() and (local / WEIGHTS_NPZ).exists() else None
+
+
 def load_downloaded(local: Path, uri: str) -> tuple[torch.nn.Module, ModelInfo]:
-    """Rebuild from the downloaded model.json + weights/model.pt via modelio.load_model."""
+    """Rebuild from a downloaded MLflow model: the served pyfunc's artifacts/model.json + weights.npz
+    (core.models.io.load_bundle, no pickle), or, for a model logged before it, model.json + weights/model.pt
+    (modelio.load_model, weights-only unpickling)."""
+    bundle = local / "artifacts"
+    if (bundle / "model.json").exists() and (bundle / WEIGHTS_NPZ).exists():
+        return load_bundle(bundle)
     weights = local / WEIGHTS_DIR
     if not (local / "model.json").exists() or not (weights / "model.pt").exists():
-        raise UserError(f"{uri}: no model.json and weights/model.pt in this MLflow model; allowed: models "
-                        "logged by freezeflow's tracked_training")
+        raise UserError(f"{uri}: no artifacts/model.json and artifacts/{WEIGHTS_NPZ} in this MLflow model; allowed: "
+                        "models logged by freezeflow's tracked_training")
     shutil.copy(local / "model.json", weights / "model.json")
     return load_model(weights)
+
+
+def run_id_of(uri: str, tracking_uri: str | None = None) -> str | None:
+    """The MLflow run that logged the model `uri` names (models:/NAME@alias, models:/NAME/VERSION, runs:/ID/...,
+    a run id); None for a local folder. UserError when the store does not know it."""
+    mlflow_uri = model_uri_of(str(uri))
+    if mlflow_uri is None:
+        return None
+    if mlflow_uri.startswith("runs:/"):
+        return mlflow_uri.removeprefix("runs:/").split("/")[0]
+    name, _, rest = mlflow_uri.removeprefix("models:/").partition("/")
+    name, alias = name.split("@", 1) if "@" in name else (name, None)
+    store = current_uri(tracking_uri)
+    client = MlflowClient(store)
+    try:
+        version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, rest)
+    except MlflowException as exc:
+        raise UserError(f"{uri}: not found in the MLflow store {mask_url(store)} ({first_line_masked(exc)}); "
+                        "allowed: models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID/model or a run id") from None
+    return version.run_id

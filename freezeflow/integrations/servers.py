@@ -5,16 +5,26 @@ the servers themselves are the `mlflow` and `prefect` CLIs run as child processe
 the URLs clients use; `start_server` / `wait_until_healthy` / `stop_server` run one in the
 background (tests); `serve` runs one in the foreground until Ctrl-C (`freezeflow server ...`).
 Every bad option is a one-line UserError naming the option and what is allowed.
+
+Credentials, with the servers' own mechanisms: on any host but 127.0.0.1/::1/localhost (or with
+--auth) MLflow runs its basic-auth app and Prefect checks PREFECT_SERVER_API_AUTH_STRING; --no-auth
+is the one way to an open server on a network interface, and it warns. Secrets (the admin password,
+the auth string, database URLs) reach the child through its environment, never its command line:
+`ps` shows argv to every user of the machine, /proc/PID/environ only to the same user and root.
 """
 
 from __future__ import annotations
 
+import base64
 import errno
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +33,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from freezeflow.core.errors import UserError
-from freezeflow.integrations.secrets import mask_text, mask_url
+from freezeflow.integrations.secrets import find_secret, mask_text, mask_url
 
 LOCALHOST = "127.0.0.1"
 MLFLOW_PORT = 5000
@@ -34,6 +44,13 @@ SERVER_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENAB
 MLFLOW_STORES = "postgresql[+psycopg2]://USER@HOST:PORT/DB or sqlite:///PATH"
 PREFECT_DATABASES = "postgresql+asyncpg://USER@HOST:PORT/DB or sqlite+aiosqlite:///PATH"
 ARTIFACT_SCHEMES = ("s3", "gs", "wasbs", "file")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")  # the hosts no other machine reaches: open by default
+# where the credentials come from (first set wins); a file option, when given, wins over all of them
+MLFLOW_ADMIN_PASSWORD_ENVS = ("FREEZEFLOW_MLFLOW_ADMIN_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD")
+MLFLOW_ADMIN_USERNAME_ENVS = ("FREEZEFLOW_MLFLOW_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_USERNAME")
+PREFECT_AUTH_ENVS = ("FREEZEFLOW_PREFECT_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING")
+MLFLOW_LOGIN = "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+PREFECT_LOGIN = "PREFECT_API_AUTH_STRING"
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,9 @@ class ServerSpec:
     health_url: str
     client_env: dict[str, str]
     unset_env: tuple[str, ...] = field(default=())
+    login: str | None = None  # what clients set besides client_env when auth is on (names, never values)
+    warning: str | None = None  # printed before the server starts (--no-auth on a network interface)
+    private_dir: str | None = None  # the auth config's folder, removed when the server stops
 
 
 # ---- checks --------------------------------------------------------------------------------------
@@ -116,8 +136,7 @@ def check_sqlite_url(url: str, prefix: str, option: str) -> str:
     return f"{prefix}{file}"
 
 
-def check_backend_store_uri(uri: str) -> str:
-    option = "--backend-store-uri"
+def check_backend_store_uri(uri: str, option: str = "--backend-store-uri") -> str:
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme in ("postgresql", "postgresql+psycopg2"):
         check_postgres(uri, option)
@@ -190,35 +209,140 @@ def local_host(host: str) -> str:
     return "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
 
 
+# ---- credentials ---------------------------------------------------------------------------------
+
+def is_loopback(host: str) -> bool:
+    """Exactly the names no other machine reaches; any other address (0.0.0.0, a LAN IP, even another
+    127.x address) counts as a network interface: the safe side of the rule."""
+    return host.strip("[]").lower() in LOOPBACK
+
+
+def auth_enabled(auth: bool | None, host: str) -> bool:
+    """--auth / --no-auth as given; by default on exactly when the host is not loopback."""
+    return (not is_loopback(host)) if auth is None else auth
+
+
+def why_auth(auth: bool | None, host: str) -> str:
+    return "--auth" if auth else f"--host {host} (a network interface: auth is on)"
+
+
+def open_warning(name: str, host: str, port: int, enabled: bool) -> str | None:
+    """The one line an open server on a network interface prints (only --no-auth gets there)."""
+    if enabled or is_loopback(host):
+        return None
+    return (f"warning: --no-auth: the {name} server on {host}:{port} lets anyone who can reach it read and "
+            "write, with no credentials")
+
+
+def require_secret(file: Path | None, option: str, envs: tuple[str, ...], reason: str, what: str) -> str:
+    """The secret from `file` or the environment, or a one-line error saying what to set."""
+    found = find_secret(file, option, envs)
+    if found is None:
+        raise UserError(f"{reason} needs {what}: set {' or '.join(envs)}, or pass {option} PATH "
+                        "(never on the command line); --no-auth runs an open server")
+    return found[0]
+
+
+def auth_database_for(store: str, auth_database: str | None) -> str:
+    """Where the basic-auth app keeps its users (password hashes) and permissions: `auth_database`, else
+    basic_auth.db beside a sqlite store, else the same PostgreSQL database as the runs (its tables -
+    users, *_permissions, alembic_version_auth - share no name with MLflow's)."""
+    if auth_database:
+        return check_backend_store_uri(auth_database, "--auth-database")
+    if store.startswith("sqlite:///"):
+        return f"sqlite:///{Path(store.removeprefix('sqlite:///').split('?')[0]).with_name('basic_auth.db')}"
+    return store
+
+
+def write_auth_config(database_uri: str, username: str) -> Path:
+    """MLflow's basic_auth.ini (read from MLFLOW_AUTH_CONFIG_PATH): the auth database and the default
+    permission have no environment variable. It holds no password (that travels in
+    MLFLOW_AUTH_ADMIN_PASSWORD) but may hold the auth database's URL: a private folder (0700, from
+    mkdtemp), the file 0600. It must stay while the server runs: uvicorn restarts a dead worker, which
+    reads it again; `serve` removes the folder when the server stops."""
+    folder = Path(tempfile.mkdtemp(prefix="freezeflow-mlflow-auth-"))
+    path = folder / "basic_auth.ini"
+    escape = lambda value: value.replace("%", "%%")  # noqa: E731  (configparser interpolates %)
+    text = ("[mlflow]\n"
+            "# written by `freezeflow server mlflow`: authenticated users may read everything, and edit what\n"
+            "# they create or are granted; the admin grants more through MLflow's permissions API\n"
+            "default_permission = READ\n"
+            f"database_uri = {escape(database_uri)}\n"
+            f"admin_username = {escape(username)}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as out:
+        out.write(text)
+    return path
+
+
+def mlflow_admin_password(password_file: Path | None, reason: str) -> str:
+    """The admin password MLflow's basic-auth app creates its admin user with (at its first start; it
+    keeps a salted hash, and ignores the password once the user exists)."""
+    try:
+        import flask_wtf  # noqa: F401  (mlflow's basic-auth app imports it)
+    except ImportError:
+        raise UserError(f"{reason}: MLflow's basic-auth app needs Flask-WTF: pip install 'mlflow[auth]'") from None
+    return require_secret(password_file, "--admin-password-file", MLFLOW_ADMIN_PASSWORD_ENVS, reason,
+                          "an admin password for MLflow's basic auth")
+
+
+def mlflow_auth(database: str, password: str) -> tuple[dict, Path]:
+    """The basic-auth app's environment (admin login, Flask secret key, config path) and its config file."""
+    username = next((os.environ[n] for n in MLFLOW_ADMIN_USERNAME_ENVS if os.environ.get(n)), "admin")
+    make_folders(database)
+    # the CSRF key of the sign-up form; every worker must share it: one per start unless one is set
+    secret_key = os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or secrets.token_hex(32)
+    config = write_auth_config(database, username)
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_USERNAME": username,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key}, config
+
+
 def mlflow_spec(backend_store_uri: str, artifacts: str, host: str = LOCALHOST, port: int = MLFLOW_PORT,
-                workers: int = 2, auth: bool = False, allowed_hosts: str | None = None) -> ServerSpec:
-    """`mlflow server` on a SQL store, proxying artifacts (clients need no bucket credentials)."""
+                workers: int = 2, auth: bool | None = None, allowed_hosts: str | None = None,
+                admin_password_file: Path | None = None, auth_database: str | None = None) -> ServerSpec:
+    """`mlflow server` on a SQL store, proxying artifacts (clients need no bucket credentials); with
+    MLflow's basic-auth app when auth_enabled(auth, host)."""
     if workers < 1:
         raise UserError(f"--workers {workers}: not allowed; allowed: 1 or more")
     check_port_free(host, port)  # first: the checks below may create folders
     store = check_backend_store_uri(backend_store_uri)
     destination = check_artifacts(artifacts)
+    enabled = auth_enabled(auth, host)
+    # before any folder: a missing password leaves nothing behind
+    password = mlflow_admin_password(admin_password_file, why_auth(auth, host)) if enabled else None
+    auth_db = auth_database_for(store, auth_database) if enabled else None
     make_folders(store, destination)  # only now: a failed check leaves nothing behind
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--serve-artifacts",
-               "--artifacts-destination", destination, "--host", host, "--port", str(port),
-               "--workers", str(workers)]
-    if auth:
-        try:
-            import flask_wtf  # noqa: F401  (mlflow's basic-auth app imports it)
-        except ImportError:
-            raise UserError("--auth: MLflow's basic-auth app needs Flask-WTF: pip install 'mlflow[auth]'") from None
+    # the store (it may carry a database password) through mlflow's own MLFLOW_BACKEND_STORE_URI, not argv
+    env = {**SERVER_ENV, "MLFLOW_BACKEND_STORE_URI": store}
+    command = [sys.executable, "-m", "mlflow", "server", "--serve-artifacts", "--artifacts-destination",
+               destination, "--host", host, "--port", str(port), "--workers", str(workers)]
+    config = None
+    if password is not None and auth_db is not None:
+        auth_env, config = mlflow_auth(auth_db, password)
+        env.update(auth_env)
         command += ["--app-name", "basic-auth"]
     if allowed_hosts:
         command += ["--allowed-hosts", allowed_hosts]
-    return ServerSpec("mlflow", command, dict(SERVER_ENV), f"http://{local_host(host)}:{port}/health",
+    return ServerSpec("mlflow", command, env, f"http://{local_host(host)}:{port}/health",
                       {"MLFLOW_TRACKING_URI": f"http://{client_host(host)}:{port}"},
-                      unset_env=("MLFLOW_TRACKING_URI",))
+                      unset_env=("MLFLOW_TRACKING_URI", *MLFLOW_ADMIN_PASSWORD_ENVS),
+                      login=f"{MLFLOW_LOGIN} (a user of this server; the admin is "
+                            f"{env['MLFLOW_AUTH_ADMIN_USERNAME']})" if enabled else None,
+                      warning=open_warning("MLflow", host, port, enabled),
+                      private_dir=str(config.parent) if config else None)
 
 
-def prefect_spec(host: str = LOCALHOST, port: int = PREFECT_PORT, database: str | None = None) -> ServerSpec:
-    """`prefect server start`; its database is Prefect's own sqlite file unless `database` is given."""
+def prefect_spec(host: str = LOCALHOST, port: int = PREFECT_PORT, database: str | None = None,
+                 auth: bool | None = None, auth_string_file: Path | None = None) -> ServerSpec:
+    """`prefect server start`; its database is Prefect's own sqlite file unless `database` is given; the
+    API checks PREFECT_SERVER_API_AUTH_STRING (HTTP basic auth) when auth_enabled(auth, host)."""
     check_port_free(host, port)
+    enabled = auth_enabled(auth, host)
     env = dict(SERVER_ENV)
+    if enabled:  # Prefect's own check: every API call but GET /api/health and /api/ready needs it
+        env["PREFECT_SERVER_API_AUTH_STRING"] = require_secret(
+            auth_string_file, "--auth-string-file", PREFECT_AUTH_ENVS, why_auth(auth, host),
+            "an API auth string for Prefect (USER:PASSWORD)")
     if database:
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = check_prefect_database(database)
         make_folders(database)
@@ -227,9 +351,37 @@ def prefect_spec(host: str = LOCALHOST, port: int = PREFECT_PORT, database: str 
         env["PREFECT_UI_API_URL"] = api_url
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port),
                "--analytics-off"]
-    # a client setting in the server's own environment would make it talk to another API
+    # a client setting in the server's own environment would make it talk to another API; with auth off,
+    # an auth string inherited from the shell would make the server other than what was printed
+    unset = ("PREFECT_API_URL", "FREEZEFLOW_PREFECT_AUTH_STRING") + (() if enabled else
+                                                                    ("PREFECT_SERVER_API_AUTH_STRING",))
     return ServerSpec("prefect", command, env, f"http://{local_host(host)}:{port}/api/health",
-                      {"PREFECT_API_URL": api_url}, unset_env=("PREFECT_API_URL",))
+                      {"PREFECT_API_URL": api_url}, unset_env=unset,
+                      login=f"{PREFECT_LOGIN} (the server's auth string)" if enabled else None,
+                      warning=open_warning("Prefect", host, port, enabled))
+
+
+# ---- clients -------------------------------------------------------------------------------------
+
+def check_prefect_login(api_url: str, auth_string: str | None, timeout: float = 10.0) -> None:
+    """One GET of admin/version, which (as every API route but health and ready) needs the auth string on
+    a protected server: a refusal is one line naming PREFECT_API_AUTH_STRING before anything registers,
+    not an httpx traceback. An unreachable server is left to the caller's own message."""
+    request = urllib.request.Request(api_url.rstrip("/") + "/admin/version")
+    if auth_string:  # what Prefect's client sends: HTTP basic auth with the string as user:password
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth_string.encode("utf-8")).decode("ascii"))
+    try:
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code != 401:
+            return
+        where = f"the Prefect server at {mask_url(api_url)} (PREFECT_API_URL)"
+        if not auth_string:
+            raise UserError(f"{where} needs a login: set {PREFECT_LOGIN} to its auth string (USER:PASSWORD)") from None
+        raise UserError(f"{where} refused {PREFECT_LOGIN}: set it to the server's auth string "
+                        "(PREFECT_SERVER_API_AUTH_STRING there)") from None
+    except (urllib.error.URLError, OSError):
+        return
 
 
 # ---- running -------------------------------------------------------------------------------------
@@ -293,15 +445,33 @@ def raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def ready_line(spec: ServerSpec) -> str:
+    """What clients set: the URL, and with auth the names of the credential variables (never values)."""
+    exports = " ".join(f"{key}={value}" for key, value in spec.client_env.items())
+    login = f"; and set {spec.login}" if spec.login else "; no credentials (auth is off)"
+    return mask_text(f"{spec.name} server ready ({spec.health_url}); on each client: export {exports}{login}")
+
+
+def remove_private_files(spec: ServerSpec) -> None:
+    if spec.private_dir:
+        shutil.rmtree(spec.private_dir, ignore_errors=True)
+
+
 def serve(spec: ServerSpec, timeout: float = 180.0) -> int:
     """Run the server in the foreground until Ctrl-C or SIGTERM; say what clients set once it is up."""
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if spec.warning:
+        say(spec.warning)
     previous = signal.signal(signal.SIGTERM, raise_interrupt)  # stop the server too, not just us
-    process = start_server(spec)
+    try:
+        process = start_server(spec)
+    except BaseException:
+        signal.signal(signal.SIGTERM, previous)
+        remove_private_files(spec)
+        raise
     try:
         wait_until_healthy(spec.health_url, timeout, process)
-        exports = " ".join(f"{key}={value}" for key, value in spec.client_env.items())
-        say(f"{spec.name} server ready ({spec.health_url}); on each client: export {exports}")
+        say(ready_line(spec))
         say("Ctrl-C stops it")
         return process.wait()
     except KeyboardInterrupt:
@@ -311,4 +481,5 @@ def serve(spec: ServerSpec, timeout: float = 180.0) -> int:
     finally:
         if process.poll() is None:
             stop_server(process)
+        remove_private_files(spec)
         signal.signal(signal.SIGTERM, previous)

@@ -3,9 +3,8 @@
 `tracked_training` wraps `freezeflow.core.train.run.run_training` in an MLflow run: every resolved param,
 per-epoch metrics (step = epoch), lineage tags (data hash, git commit, Prefect flow run, device,
 library versions), the dataset as an MLflow dataset input (name, DVC md5 or content hash, folder, split counts),
-totals, reports, plots and the model (MLflow pytorch flavor in the safe `pt2`
-format, plus `model.json` and weights-only `weights/model.pt` next to it: what registry.py registers
-and loads back).
+totals, reports, plots and the model: the served pyfunc of integrations.serving (model.json and weights.npz,
+no pickle; plus model.onnx, parity-checked, with serve.runtime onnx): what registry.py registers and loads back.
 
 Where: `MLFLOW_TRACKING_URI` when set, else `sqlite:///<root>/mlflow/mlflow.db` with artifacts
 in `<root>/mlflow/artifacts`. Readers of an existing store (`current_uri`) take `tracking_uri` if given,
@@ -31,7 +30,6 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -48,22 +46,24 @@ from freezeflow.core.train.loop import resolve_device
 from freezeflow.core.train.state import EpochReport
 from freezeflow.core.errors import UserError
 from freezeflow.core.infer.evaluate import evaluate_model, write_eval
-from freezeflow.core.models.io import ModelInfo, load_model
-from freezeflow.core.params import Params, flatten
+from freezeflow.core.models.io import load_model, save_bundle
+from freezeflow.core.params import Params, ServeParams, flatten
 from freezeflow.integrations.plots import (history_rows, plot_confusion, plot_epoch_times, plot_learning_curves, plot_lr_find,
                               plot_lr_groups, plot_per_class)
-from freezeflow.core.data.preprocess import normalize_batch
 from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.data.prepare import open_prepared
 from freezeflow.core.layout import Layout, dataset_name, resolve_data_params
 from freezeflow.core.train.run import run_training
-from freezeflow.integrations.secrets import first_line_masked
+from freezeflow.integrations.onnx_runtime import export_onnx, parity_pixels
+from freezeflow.integrations.secrets import first_line_masked, mask_url
+from freezeflow.integrations.serving import ONNX_FILE, log_serving_model
 
 logger = logging.getLogger(__name__)
 
 ENV_URI = "MLFLOW_TRACKING_URI"
+LOGIN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # what MLflow's client sends as basic auth
 MODEL_NAME = "model"  # artifact name of the logged model: runs:/<run_id>/model
-WEIGHTS_DIR = "weights"  # weights-only state dict inside the logged model: weights/model.pt
+WEIGHTS_DIR = "weights"  # models logged before the served pyfunc: weights/model.pt beside model.json
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 BATCH_LIMIT = 100  # MLflow accepts at most 100 params per log_batch call
 
@@ -104,15 +104,47 @@ def store_lock(db: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-READY_STORES: set[str] = set()  # sqlite stores this process has created or found up to date
+READY_STORES: set[str] = set()  # sqlite stores created or found up to date, servers that let us in: this process
+
+
+def login_error(uri: str) -> str:
+    """One line for a 401: which of MLflow's own client variables is missing, or that the login was refused.
+    What is set is read as MLflow's client reads it: the variables, else ~/.mlflow/credentials."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    where = f"the MLflow server at {mask_url(uri)} (MLFLOW_TRACKING_URI)"
+    creds = read_mlflow_creds()
+    missing = [name for name, value in zip(LOGIN_ENV, (creds.username, creds.password)) if not value]
+    if missing:
+        return f"{where} needs a login: set {' and '.join(missing)} (a user of that server)"
+    return (f"{where} refused the login of MLFLOW_TRACKING_USERNAME={creds.username}: check "
+            "MLFLOW_TRACKING_PASSWORD (the admin adds users and resets passwords)")
+
+
+def check_login(uri: str) -> None:
+    """One cheap request to a tracking server: a server that wants a login (MLflow's basic-auth app) is
+    then one line naming what to set, before a run starts, not a traceback from its middle."""
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        if exc.get_http_status_code() == 401:
+            raise UserError(login_error(uri)) from None
+        raise
 
 
 def ensure_store(uri: str) -> str:
     """Create and migrate a sqlite store's tables (tracking and registry) under `store_lock`, once per
     process: two processes starting on a fresh store would otherwise both create the same tables and
-    one dies (`table ... already exists`, or an alembic version mismatch). Returns `uri`."""
+    one dies (`table ... already exists`, or an alembic version mismatch). A tracking server gets its
+    login checked instead (check_login), also once. Returns `uri`."""
+    if uri in READY_STORES:
+        return uri
+    if uri.startswith(("http://", "https://")):
+        check_login(uri)
+        READY_STORES.add(uri)
+        return uri
     db = sqlite_file(uri)
-    if db is None or uri in READY_STORES:
+    if db is None:
         return uri
     db.parent.mkdir(parents=True, exist_ok=True)
     with store_lock(db):
@@ -396,51 +428,34 @@ def log_reports(client: MlflowClient, run_id: str, layout: Layout, prepared: Pre
 
 # ---- the model -----------------------------------------------------------------------------------
 
-def example_batch(info: ModelInfo, prepared: Prepared) -> np.ndarray:
-    """Two normalized val images, float32 (2, 3, S, S): what the logged model's forward takes (callers of the
-    logged model prepare theirs with core.data.preprocess.preprocess_images).
-
-    Two, not one: torch.export specializes a size-1 batch dimension to a constant, so a batch of
-    one would give a model that only accepts batches of one.
-    """
-    rows = prepared.split["val"][:2]
-    if len(rows) < 2:
-        rows = np.resize(rows if len(rows) else np.arange(1), 2)
-    return normalize_batch(np.ascontiguousarray(prepared.images[rows]), info.mean, info.std).numpy()
+MODEL_FORMATS = {"torch": "pyfunc-npz", "onnx": "pyfunc-onnx"}  # the run's model_format tag, per serve.runtime
 
 
-def pip_requirements() -> list[str]:
-    """Given explicitly: MLflow's inference would load the model in a subprocess (seconds)."""
-    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
-            f"numpy=={np.__version__}"]
-
-
-def log_pytorch_model(model: torch.nn.Module, example: np.ndarray) -> tuple[Any, str]:
-    """MLflow pytorch flavor, `pt2` (torch.export, no pickle); pickle only if export fails."""
-    from mlflow.models import infer_signature
-
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, output)
-    common = {"name": MODEL_NAME, "input_example": example, "signature": signature,
-              "pip_requirements": pip_requirements()}
-    try:
-        return mlflow.pytorch.log_model(model, serialization_format="pt2", **common), "pt2"
-    except Exception as exc:  # noqa: BLE001 - torch.export cannot trace every graph; keep the run
-        logger.warning("torch.export of the model failed (%s); logging it with pickle instead",
-                       str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-        return mlflow.pytorch.log_model(model, serialization_format="pickle", **common), "pickle"
-
-
-def log_model_files(client: MlflowClient, run_id: str, layout: Layout, prepared: Prepared) -> str:
-    """The pytorch-flavor model plus model.json and weights/model.pt inside the same model folder."""
+def log_model_files(client: MlflowClient, run_id: str, layout: Layout, prepared: Prepared,
+                    serve: ServeParams = ServeParams()) -> str:
+    """The served pyfunc (integrations.serving) of models/: weights.npz + model.json, and for serve.runtime
+    onnx model.onnx, exported by the code `freezeflow export` runs (parity on val images logged as
+    onnx_parity_max_abs_diff; an export that misses parity fails the run with one line). Returns the model id."""
     model, info = load_model(layout.models)  # CPU, eval mode: what was saved, not the GPU copy
-    model_info, fmt = log_pytorch_model(model, example_batch(info, prepared))
-    client.log_model_artifact(model_info.model_id, str(layout.models / "model.json"))
-    client.log_model_artifact(model_info.model_id, str(layout.models / "model.pt"), WEIGHTS_DIR)
-    client.set_tag(run_id, "model_format", fmt)
+    pixels = parity_pixels(prepared)  # real val images: the parity check's, and the input example
+    with tempfile.TemporaryDirectory(prefix="freezeflow-bundle-") as tmp:
+        bundle = save_bundle(model, info, Path(tmp) / "bundle")
+        parity = None
+        if serve.runtime == "onnx":
+            parity = export_onnx(model, info, pixels, bundle / ONNX_FILE, name=f"run {run_id} ({info.backbone})")
+        model_info = log_serving_model(MODEL_NAME, bundle, serve, pixels[0], Path(tmp) / "code")
+    client.set_tag(run_id, "model_format", MODEL_FORMATS[serve.runtime])
     client.set_tag(run_id, "model_id", model_info.model_id)
+    if parity is not None:
+        log_totals(client, run_id, {"onnx_parity_max_abs_diff": parity})
     return model_info.model_id
+
+
+def log_onnx_export(run_id: str, path: Path, parity: float, tracking_uri: str | None = None) -> None:
+    """`freezeflow export`'s ONNX file (artifact onnx/<name>) and its parity figure on the model's run."""
+    client = MlflowClient(current_uri(tracking_uri))
+    client.log_artifact(run_id, str(path), "onnx")
+    log_totals(client, run_id, {"onnx_parity_max_abs_diff": parity})
 
 
 # ---- the dataset -------------------------------------------------------------------------------
@@ -493,7 +508,7 @@ def finish_run(client: MlflowClient, run_id: str, callback: MlflowCallback, metr
     val_report = log_reports(client, run_id, layout, prepared, history)
     totals = total_metrics(metrics) | {"val_macro_f1": val_report["macro_f1"]}
     log_totals(client, run_id, totals)
-    log_model_files(client, run_id, layout, prepared)
+    log_model_files(client, run_id, layout, prepared, params.serve)
     return val_report
 
 
@@ -531,7 +546,7 @@ def tracked_training(params: Params, root: Path = Path("."), resume: bool = Fals
             mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
             raise
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
-    return metrics | {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}
+    return metrics | {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": mask_url(uri)}
 
 
 def tracked_lr_find(params: Params, root: Path, result) -> str:

@@ -5,8 +5,11 @@ data once, create or load the study, run K worker processes on this machine and 
 `reports/tune.json` and `params/best.yaml` (train keys that `-S train.use_best=true` overlays).
 
     study    one per name in an RDB storage: `sqlite:///<root>/optuna/optuna.db` by default, any
-             SQLAlchemy URL (PostgreSQL, MySQL) via tune.storage or --storage. Another machine
-             joins with the same command plus `--study NAME --storage URL`.
+             SQLAlchemy URL (PostgreSQL, MySQL) via --storage, FREEZEFLOW_OPTUNA_STORAGE, a file named
+             by FREEZEFLOW_OPTUNA_STORAGE_FILE, or tune.storage (first given wins). Another machine
+             joins with the same command plus `--study NAME --storage URL`. A password belongs in
+             the variable, the file, PGPASSWORD or ~/.pgpass: `ps` shows a command line to every
+             user, and params files live in git (a URL with one there warns).
     worker   loads the study by name, asks for trials until the study has n_trials COMPLETE +
              PRUNED trials. It starts no trial while running trials already fill the budget.
     trial    samples train keys from tune.yaml's `space`, builds Params with load_params (so
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import multiprocessing
 import os
 import shutil
@@ -51,7 +55,7 @@ from freezeflow.core.schedules import SCHEDULES
 from freezeflow.core.strategies import STRATEGIES
 from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.io import write_json_atomic, write_text_atomic
-from freezeflow.integrations.secrets import first_line_masked, mask_url
+from freezeflow.integrations.secrets import first_line_masked, mask_url, read_secret
 from freezeflow.integrations.tracking import (MlflowCallback, ensure_experiment, log_params,
                                  log_totals, resolve_artifact_location, resolve_tracking_uri, start_tags,
                                  tag_quietly)
@@ -66,6 +70,9 @@ DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 POLL_S = 1.0
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+STORAGE_ENV, STORAGE_FILE_ENV = "FREEZEFLOW_OPTUNA_STORAGE", "FREEZEFLOW_OPTUNA_STORAGE_FILE"
+# what PostgreSQL (libpq) and MySQL say when the login, not the network, is the problem
+LOGIN_FAILED = re.compile(r"password authentication failed|no password supplied|Access denied for user", re.I)
 
 
 @dataclass(frozen=True)
@@ -198,6 +205,33 @@ def check_storage_url(url: str, source: str) -> str:
     return url
 
 
+def storage_from_env() -> tuple[str, str] | None:
+    """(url, source) from FREEZEFLOW_OPTUNA_STORAGE, else from the file FREEZEFLOW_OPTUNA_STORAGE_FILE names
+    (its first line); None when neither is set."""
+    if os.environ.get(STORAGE_ENV):
+        return os.environ[STORAGE_ENV], STORAGE_ENV
+    if os.environ.get(STORAGE_FILE_ENV):
+        return read_secret(Path(os.environ[STORAGE_FILE_ENV]), STORAGE_FILE_ENV), STORAGE_FILE_ENV
+    return None
+
+
+def warn_password_in(url: str, source: str) -> None:
+    """A password on the command line or in a params file still works, with one line saying where it belongs."""
+    if mask_url(url) != url:
+        print(f"warning: {source} carries a password (a command line is visible in `ps`, params files in git); "
+              f"put the URL in {STORAGE_ENV} or {STORAGE_FILE_ENV}, or the password in PGPASSWORD or ~/.pgpass",
+              file=sys.stderr)
+
+
+def storage_error(url: str, exc: Exception) -> str:
+    """One line for a storage that cannot be opened; a refused login says where the password goes."""
+    if LOGIN_FAILED.search(str(exc)):
+        return (f"Optuna storage {mask_url(url)}: the database refused the login ({first_line_masked(exc)}); set "
+                f"the password in PGPASSWORD or ~/.pgpass, or the whole URL in {STORAGE_ENV} or {STORAGE_FILE_ENV}")
+    return (f"Optuna storage {mask_url(url)}: cannot connect ({first_line_masked(exc)}); allowed: a "
+            "reachable database URL (check host, port, user and database)")
+
+
 def open_storage(url: str, tune: Any, stale_callback: Any = None) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeats, so that trials of dead workers fail and get retried."""
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
@@ -212,8 +246,7 @@ def open_storage(url: str, tune: Any, stale_callback: Any = None) -> optuna.stor
                                               grace_period=tune.grace_period,
                                               heartbeat_stale_trial_callback=stale_callback)
         except Exception as exc:  # noqa: BLE001 - driver errors vary; all mean "cannot use this storage"
-            raise UserError(f"Optuna storage {mask_url(url)}: cannot connect ({first_line_masked(exc)}); allowed: a "
-                            "reachable database URL (check host, port, user and database)") from None
+            raise UserError(storage_error(url, exc)) from None
 
 
 def make_sampler(tune: Any, offset: int = 0) -> optuna.samplers.TPESampler:
@@ -615,6 +648,20 @@ def run_workers(settings: TuneSettings, gpus: list[str] | None) -> list[int]:
 
 # ---- the study -----------------------------------------------------------------------------------
 
+def resolve_storage(option: str | None, from_params: str, folder: Path) -> str | None:
+    """--storage, else the environment (storage_from_env), else tune.storage; None: the default."""
+    if option:
+        url, source = option, "--storage"
+    else:
+        url, source = storage_from_env() or (from_params, f"{folder / 'tune.yaml'}: storage")
+    if not url:
+        return None
+    check_storage_url(url, source)
+    if source not in (STORAGE_ENV, STORAGE_FILE_ENV):
+        warn_password_in(url, source)
+    return url
+
+
 def resolve_settings(root: Path, params_dir: str | Path, overrides: list[str] | tuple, workers: int | None,
                      storage: str | None, study: str | None, n_trials: int | None) -> tuple[TuneSettings, Params]:
     root = Path(root).resolve()
@@ -624,12 +671,7 @@ def resolve_settings(root: Path, params_dir: str | Path, overrides: list[str] | 
     for option, value in (("--workers", workers), ("--n-trials", n_trials)):
         if value is not None and value < 1:
             raise UserError(f"{option}: {value} is out of range; allowed: >= 1")
-    if storage:
-        url = check_storage_url(storage, "--storage")
-    elif params.tune.storage:
-        url = check_storage_url(params.tune.storage, f"{folder / 'tune.yaml'}: storage")
-    else:
-        url = default_storage(root)
+    url = resolve_storage(storage, params.tune.storage, folder) or default_storage(root)
     name = study if study is not None else params.tune.study_name
     if not name.strip():
         raise UserError("--study: empty name; allowed: any non-empty study name")

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from freezeflow.app.cli import app
 from tests.conftest import BIN
 
-COMMANDS = ["ingest", "prepare", "train", "lr-find", "evaluate", "predict", "pipeline", "tune", "schedule", "report", "bench",
-            "ui", "data", "server", "cache"]
+COMMANDS = ["ingest", "prepare", "train", "lr-find", "evaluate", "predict", "export", "pipeline", "tune", "schedule",
+            "report", "bench", "ui", "data", "server", "cache"]
 
 
 def test_help_lists_every_subcommand():

@@ -37,7 +37,9 @@ ALL = None  # a params file listed without keys: DVC tracks every key in it
 STAGE_PARAMS = {
     "prepare": {"params/data.yaml": DATA_READ},
     # train.use_best overlays params/best.yaml; train opens prepared/ by the data keys (re-preparing on a miss)
-    "train": {"params/data.yaml": DATA_READ, "params/train.yaml": ALL, "params/best.yaml": ALL},
+    # serve.yaml: how the run's MLflow model is logged (runtime, top_k, batch size, max_pixels)
+    "train": {"params/data.yaml": DATA_READ, "params/train.yaml": ALL, "params/best.yaml": ALL,
+              "params/serve.yaml": ALL},
     # the trials train with train.yaml (each overriding what the search space varies)
     "tune": {"params/data.yaml": DATA_READ, "params/train.yaml": ALL, "params/tune.yaml": ALL},
     "evaluate": {"params/data.yaml": DATA_READ, "params/evaluate.yaml": ALL},

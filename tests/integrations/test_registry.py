@@ -99,20 +99,27 @@ def test_unknown_alias_is_a_user_error(tracked_project):
 
 
 def test_logged_pyfunc_model_gives_the_probabilities_predict_gives(tracked_project):
-    """The MLflow model's forward takes preprocess_images' output: softmax of its logits is what predict says."""
+    """The MLflow model takes the files' bytes (base64) and says what predict says for the files, and
+    its own forward is fed what preprocess_images makes of them."""
+    import base64
+
     import mlflow.artifacts
     import mlflow.pyfunc
+    import pandas as pd
 
     root, _, result = tracked_project
     model, info = load_registered(result["run_id"])
     files = sorted((root / "data" / "shapes").rglob("*.png"))[::7]
     local = mlflow.artifacts.download_artifacts(f"runs:/{result['run_id']}/model", tracking_uri=store_uri(root))
-    x = preprocess_images([decode_rgb(f, DEFAULT_MAX_PIXELS) for f in files], info.image_size, info.mean, info.std)
-    logits = np.asarray(mlflow.pyfunc.load_model(local).predict(x.numpy()))  # (n, classes)
-    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    served = mlflow.pyfunc.load_model(local)
+    out = served.predict(pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode() for f in files]}))
     rows = predict_files(model, info, files)  # top-3 of 3 classes: every probability, rounded to 6 places
+    assert out["top"].tolist() == [r["top"] for r in rows] and out["label"].tolist() == [r["label"] for r in rows]
+    x = preprocess_images([decode_rgb(f, DEFAULT_MAX_PIXELS) for f in files], info.image_size, info.mean, info.std)
+    with torch.no_grad():
+        probs = torch.softmax(model(x), dim=1).numpy()
     expected = np.array([[dict(map(tuple, r["top"]))[c] for c in info.classes] for r in rows])
-    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-6)
 
 
 # ---- the champion gate: grown data, a new val split --------------------------------------------------
@@ -225,7 +232,7 @@ def test_champion_with_missing_artifacts_gives_a_one_line_reason(gate_project):
     client = store(g.root)
     model_id = client.get_run(g.victim).data.tags["model_id"]
     folder = Path(url2pathname(urlparse(client.get_logged_model(model_id).artifact_location).path))
-    assert (folder / "model.json").exists()
+    assert (folder / "artifacts" / "model.json").exists()
     shutil.rmtree(folder)  # someone deleted the champion's artifact folder
     kept = promote_or_keep(g.strong, "gate-missing", g.new, tracking_uri=g.uri)
     assert kept["alias"] == "challenger" and "\n" not in kept["reason"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from freezeflow.integrations.tracking import resolve_tracking_uri, tracked_training
@@ -44,17 +43,27 @@ def test_tracked_run_logs_params_epochs_and_artifacts(tracked_project):
     reports = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "reports")}
     assert {"metrics.json", "history.json", "eval_val.json"} <= reports
     model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert {"model/MLmodel", "model/model.json", "model/weights"} <= model_files
+    assert {"model/MLmodel", "model/serving_model.py", "model/artifacts", "model/code"} <= model_files
+    bundle = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model/artifacts")}
+    assert bundle == {"model.json", "weights.npz"}  # serve.runtime torch: no model.onnx
+    assert run.data.tags["model_format"] == "pyfunc-npz"
 
 
-def test_pytorch_flavor_loads_back_with_mlflow(tracked_project):
+def test_pyfunc_loads_back_with_mlflow_and_takes_any_batch(tracked_project):
+    import base64
+
     import mlflow.artifacts
-    import mlflow.pytorch
+    import mlflow.pyfunc
+    import pandas as pd
 
     root, _, result = tracked_project
     local = mlflow.artifacts.download_artifacts(f"runs:/{result['run_id']}/model", tracking_uri=store_uri(root))
-    exported = mlflow.pytorch.load_model(local)
-    assert exported(torch.zeros(3, 3, 32, 32)).shape == (3, 3)  # batch dimension is dynamic
+    served = mlflow.pyfunc.load_model(local)
+    files = sorted((root / "data" / "shapes").rglob("*.png"))[:3]
+    for batch in (files, files[:1]):  # no fixed batch size
+        out = served.predict(pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode() for f in batch]}))
+        assert list(out.columns) == ["label", "probability", "top", "error"] and len(out) == len(batch)
+        assert out["error"].isna().all() and set(out["label"]) <= {"circle", "square", "stripes"}
 
 
 def runs_named(client: MlflowClient, name: str) -> list:

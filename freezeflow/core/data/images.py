@@ -1,12 +1,14 @@
 """Decoding and checking image files.
 
 `check_image` says whether a file is usable (and why not); `decode_rgb` turns any usable file into an
-8-bit RGB image; `resize_square` makes the fixed-size array the model sees.
+8-bit RGB image; `resize_square` makes the fixed-size array the model sees. A source is a path, the
+file's bytes, or a binary file object (served images arrive as bytes): all three decode alike.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 HIDDEN_NAMES = {"thumbs.db", "desktop.ini", "__macosx"}
 
 Checked = tuple[Image.Image | None, str | None]  # (decoded image, None) or (None, reason code)
+Source = Path | str | bytes | bytearray | memoryview | BinaryIO  # a file, its bytes, or an open binary file
 
 REASONS = {
     "empty": "the file has zero bytes",
@@ -59,15 +62,34 @@ def strict_decoding() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
+def open_source(source: Source) -> BinaryIO | None:
+    """An open binary file over `source`, or None when it holds zero bytes; OSError when a path cannot be
+    read. A caller's file object is read into memory, so closing ours never closes theirs."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(source) if memoryview(source).nbytes else None
+    if hasattr(source, "read"):
+        return open_source(source.read())
+    size = Path(source).stat().st_size
+    return open(source, "rb") if size else None  # noqa: SIM115 - closed by opened_image's with
+
+
+def describe_source(source: Source | np.ndarray) -> str:
+    """How an error names the source: the path, `<N bytes>`, `<binary file>` or `<array (H, W, C)>`."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{memoryview(source).nbytes} bytes>"
+    if isinstance(source, np.ndarray):
+        return f"<array {source.shape}>"
+    return "<binary file>" if hasattr(source, "read") else str(source)
+
+
 @contextlib.contextmanager
-def opened_image(path: Path, max_pixels: int, min_side: int) -> Iterator[Checked]:
-    """Open and fully decode `path`; yields (image, None) when usable, else (None, reason code).
+def opened_image(source: Source, max_pixels: int, min_side: int) -> Iterator[Checked]:
+    """Open and fully decode `source`; yields (image, None) when usable, else (None, reason code).
 
     The file stays open while the caller uses the image (EXIF and frames may be read lazily).
     """
     try:
-        size = Path(path).stat().st_size
-        fh = open(path, "rb") if size else None  # noqa: SIM115 - closed by the with below
+        fh = open_source(source)
     except OSError:  # permissions, a folder, a dangling link, I/O error
         yield None, "unreadable"
         return
@@ -111,30 +133,52 @@ def decode_checked(fh: BinaryIO, max_pixels: int, min_side: int) -> Checked:
     return img, None
 
 
-def check_image(path: Path, max_pixels: int, min_side: int) -> str | None:
-    """None if `path` is a usable image, else one of the codes in REASONS."""
-    with opened_image(path, max_pixels, min_side) as (_, reason):
+def check_image(source: Source, max_pixels: int, min_side: int) -> str | None:
+    """None if `source` is a usable image, else one of the codes in REASONS."""
+    with opened_image(source, max_pixels, min_side) as (_, reason):
         return reason
 
 
-def read_rgb(path: Path, max_pixels: int, min_side: int) -> tuple[Image.Image | None, str | None]:
+def read_rgb(source: Source, max_pixels: int, min_side: int) -> tuple[Image.Image | None, str | None]:
     """Check and decode in one pass: (8-bit RGB image, upright per EXIF, None) or (None, reason code)."""
-    with opened_image(path, max_pixels, min_side) as (img, reason):
+    with opened_image(source, max_pixels, min_side) as (img, reason):
         if img is None:
             return None, reason
         return to_rgb(ImageOps.exif_transpose(img)), None
 
 
-def decode_rgb(path: Path, max_pixels: int) -> Image.Image:
+def describe_reason(source: Source | np.ndarray, reason: str, max_pixels: int) -> str:
+    """The one-line message for a reason code of read_rgb: `cannot use image <source>: <code>: <why>`."""
+    limit = f" (max_pixels={max_pixels})" if reason == "too_large" else ""
+    return f"cannot use image {describe_source(source)}: {reason}: {REASONS[reason]}{limit}"
+
+
+def decode_rgb(source: Source, max_pixels: int) -> Image.Image:
     """Decode any usable image into an 8-bit RGB image, upright per its EXIF orientation.
 
     Raises DataError (one line naming the file) when the file is not usable.
     """
-    img, reason = read_rgb(path, max_pixels, min_side=1)
+    img, reason = read_rgb(source, max_pixels, min_side=1)
     if img is None:
-        limit = f" (max_pixels={max_pixels})" if reason == "too_large" else ""
-        raise DataError(f"cannot use image {path}: {reason}: {REASONS[reason]}{limit}")
+        raise DataError(describe_reason(source, reason, max_pixels))
     return img
+
+
+def array_rgb(pixels: np.ndarray, max_pixels: int, min_side: int) -> tuple[Image.Image | None, str | None]:
+    """Decoded uint8 pixels (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) as read_rgb gives a file: (RGB image,
+    None) or (None, reason code), with the same size checks; alpha composited on white by to_rgb.
+    ValueError for another dtype or shape."""
+    channels = pixels.shape[2] if pixels.ndim == 3 else 1
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or channels not in (1, 3, 4):
+        raise ValueError(f"an image array must be uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
+                         f"got {pixels.dtype} {pixels.shape}")
+    height, width = pixels.shape[:2]
+    if width * height > max_pixels:
+        return None, "too_large"
+    if min(width, height) < min_side:
+        return None, "too_small"
+    squeezed = pixels[:, :, 0] if pixels.ndim == 3 and channels == 1 else pixels
+    return to_rgb(Image.fromarray(np.ascontiguousarray(squeezed))), None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -24,8 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from freezeflow.core.data.images import read_rgb
-from freezeflow.core.data.preprocess import resize_pixels
+from freezeflow.core.data.preprocess import decode_pixels
 from freezeflow.core import chunks
 from freezeflow.core.params import DataParams
 
@@ -80,11 +79,9 @@ def read_index(store: Path, verify: bool = False) -> StoreIndex:
 
 
 def decode_file(path: Path, params: DataParams) -> tuple[np.ndarray | None, str | None]:
-    """One file -> (uint8 (3, S, S), None) or (None, reason code): the only place prepare decodes."""
-    img, reason = read_rgb(path, params.max_pixels, params.min_side)
-    if img is None:
-        return None, reason
-    return resize_pixels(img, params.image_size), None
+    """One file -> (uint8 (3, S, S), None) or (None, reason code): the only place prepare decodes, by the
+    decode + resize that predict, evaluate and the served model use (preprocess.decode_pixels)."""
+    return decode_pixels(path, params.image_size, params.max_pixels, params.min_side)
 
 
 def decode_missing(store: Path, todo: list[tuple[Path, str]], params: DataParams,

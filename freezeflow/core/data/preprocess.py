@@ -1,7 +1,8 @@
-"""Preprocessing: the one path from decoded pixels to what a model's forward takes, shared by training
+"""Preprocessing: the one path from an image to what a model's forward takes, shared by training
 (prepare stores the resized arrays; the feature cache and the training loop normalize them), evaluation,
-predict and the MLflow-logged model (whose forward takes normalized float images).
+predict and the served MLflow model (core.infer.serve).
 
+    file, bytes or uint8 array --decode_pixels--> uint8 (3, S, S)  decode (images.read_rgb) + resize_pixels
     decoded RGB image  --resize_pixels-->   uint8 (3, S, S)           shorter side to S, center crop
     uint8 (N, 3, S, S) --normalize_batch--> float32 (N, 3, S, S)      (x / 255 - mean) / std
     decoded images     --preprocess_images--> float32 (N, 3, S, S)    both
@@ -16,9 +17,33 @@ import numpy as np
 import torch
 from PIL import Image
 
-from freezeflow.core.data.images import resize_square
+from freezeflow.core.data.images import Source, array_rgb, describe_reason, read_rgb, resize_square
+from freezeflow.core.errors import DataError
 
 Rgb = Sequence[float] | torch.Tensor
+ImageInput = Source | np.ndarray  # a file, its bytes, an open binary file, or decoded uint8 pixels (H, W[, C])
+
+
+def decode_pixels(source: ImageInput, size: int, max_pixels: int,
+                  min_side: int = 1) -> tuple[np.ndarray | None, str | None]:
+    """One image -> (uint8 (3, size, size), None) or (None, reason code of images.REASONS): what prepare
+    stores for a file, and what predict, evaluate and the served model feed normalize_batch.
+    ValueError for an array of another dtype or shape (images.array_rgb)."""
+    if isinstance(source, np.ndarray):
+        image, reason = array_rgb(source, max_pixels, min_side)
+    else:
+        image, reason = read_rgb(source, max_pixels, min_side)
+    if image is None:
+        return None, reason
+    return resize_pixels(image, size), None
+
+
+def read_pixels(source: ImageInput, size: int, max_pixels: int) -> np.ndarray:
+    """decode_pixels for one image that must be usable: DataError (one line naming it) when it is not."""
+    pixels, reason = decode_pixels(source, size, max_pixels)
+    if pixels is None:
+        raise DataError(describe_reason(source, reason, max_pixels))
+    return pixels
 
 
 def resize_pixels(image: Image.Image | np.ndarray, size: int) -> np.ndarray:

@@ -1,22 +1,27 @@
 """predict: label image files with a trained model. Core only (no MLflow/Prefect).
 
-Each file is decoded and resized exactly as `prepare` does it (core.data.preprocess.resize_pixels), then
+Each file is decoded and resized exactly as `prepare` does it (core.data.preprocess.decode_pixels), then
 normalized as in training by `predict_images`. A file that cannot be used gives one `{"file", "error"}` row
-and never stops the others.
+and never stops the others. `label_batch` is that row logic for any items and any runtime: the served model
+(core.infer.serve) runs on it too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from freezeflow.core.data.folders import list_files
 from freezeflow.core.errors import UserError
-from freezeflow.core.data.images import decode_rgb, is_hidden
-from freezeflow.core.data.preprocess import resize_pixels
+from freezeflow.core.data.images import is_hidden
+from freezeflow.core.data.preprocess import read_pixels
 from freezeflow.core.models.io import ModelInfo, predict_images
+
+Probabilities = Callable[[np.ndarray], np.ndarray]  # uint8 (N, 3, S, S) -> float32 (N, classes), rows sum to 1
 
 DEFAULT_MAX_PIXELS = 40_000_000  # the default of data.max_pixels
 TOP_K = 3
@@ -41,7 +46,7 @@ def load_pixels(path: Path, size: int, max_pixels: int) -> np.ndarray:
     """(3, size, size) uint8 for one file; UserError (one line) when the file is unusable."""
     if not path.exists():
         raise UserError(f"cannot use image {path}: no such file")
-    return resize_pixels(decode_rgb(path, max_pixels), size)
+    return read_pixels(path, size, max_pixels)
 
 
 def describe_error(exc: Exception) -> str:
@@ -56,22 +61,36 @@ def rank_labels(probs: np.ndarray, classes: list[str], k: int = TOP_K) -> dict:
     return {"label": top[0][0], "probability": top[0][1], "top": top}
 
 
-def predict_batch(model: torch.nn.Module, info: ModelInfo, paths: list[Path], max_pixels: int) -> list[dict]:
-    """Decode every file of one batch (errors become rows), then run the model once on the rest."""
+def label_batch(items: Sequence[Any], load: Callable[[Any], np.ndarray], probabilities: Probabilities,
+                classes: list[str], k: int = TOP_K) -> list[dict]:
+    """One row per item, in order: `load` each into uint8 (3, S, S) (an exception becomes {"error": one line}),
+    run `probabilities` once on the stack of the good ones, and rank each ({"label", "probability", "top"})."""
     rows: list[dict] = []
     pixels, slots = [], []
-    for path in paths:
+    for item in items:
         try:
-            pixels.append(load_pixels(path, info.image_size, max_pixels))
+            pixels.append(load(item))
             slots.append(len(rows))
-            rows.append({"file": str(path)})
-        except Exception as exc:  # noqa: BLE001 - one bad file (any decoder error) must not stop the batch
-            rows.append({"file": str(path), "error": describe_error(exc)})
+            rows.append({})
+        except Exception as exc:  # noqa: BLE001 - one bad item (any decoder error) must not stop the batch
+            rows.append({"error": describe_error(exc)})
     if pixels:
-        probs = predict_images(model, info, torch.from_numpy(np.stack(pixels))).numpy()
+        probs = probabilities(np.stack(pixels))  # (n_good, classes)
         for slot, row in zip(slots, probs):
-            rows[slot].update(rank_labels(row, list(info.classes)))
+            rows[slot].update(rank_labels(row, classes, k))
     return rows
+
+
+def torch_probabilities(model: torch.nn.Module, info: ModelInfo) -> Probabilities:
+    """The PyTorch runtime: predict_images (normalize as in training, forward, softmax) on a uint8 batch."""
+    return lambda pixels: predict_images(model, info, torch.from_numpy(pixels)).numpy()
+
+
+def predict_batch(model: torch.nn.Module, info: ModelInfo, paths: list[Path], max_pixels: int) -> list[dict]:
+    """Decode every file of one batch (errors become rows), then run the model once on the rest."""
+    rows = label_batch(paths, lambda path: load_pixels(path, info.image_size, max_pixels),
+                       torch_probabilities(model, info), list(info.classes))
+    return [{"file": str(path), **row} for path, row in zip(paths, rows)]
 
 
 def predict_files(model: torch.nn.Module, info: ModelInfo, paths: list[Path],

@@ -1,19 +1,29 @@
 """The model folder: saving and loading a trained model (a weights-only state dict plus model.json saying how
-to rebuild and feed it), and `predict_images`, its class probabilities for prepared uint8 images."""
+to rebuild and feed it), and `predict_images`, its class probabilities for prepared uint8 images.
+
+Two weights formats, the same model.json beside each:
+    model.pt      torch.save of the state dict, read with weights-only unpickling (models/, checkpoints)
+    weights.npz   the state dict as plain numpy arrays, read with allow_pickle=False: the served bundle's
+                  (integrations.serving), which no pickle reader ever opens
+"""
 
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from freezeflow.core.data.preprocess import normalize_batch
 from freezeflow.core.models.registry import build_backbone
 from freezeflow.core.models.staged import StagedNet
-from freezeflow.core.errors import UserError
-from freezeflow.core.io import load_trusted, save_atomic, write_json_atomic
+from freezeflow.core.errors import UserError, first_line
+from freezeflow.core.io import load_trusted, open_atomic, save_atomic, write_json_atomic
+
+WEIGHTS_NPZ = "weights.npz"
 
 
 @dataclass(frozen=True)
@@ -31,22 +41,60 @@ def save_model(model: StagedNet, info: ModelInfo, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_atomic(state, folder / "model.pt")
-    meta = {"backbone": info.backbone, "classes": info.classes, "image_size": info.image_size,
-            "mean": list(info.mean), "std": list(info.std), "data_hash": info.data_hash}
-    write_json_atomic(folder / "model.json", meta)
+    write_info(info, folder)
     return folder / "model.pt"
 
 
-def load_model(folder: Path) -> tuple[StagedNet, ModelInfo]:
-    """Rebuild the architecture (no download) and load the weights with weights-only unpickling."""
+def write_info(info: ModelInfo, folder: Path) -> Path:
+    """folder/model.json: backbone, classes, image_size, mean, std, data_hash."""
+    meta = {"backbone": info.backbone, "classes": info.classes, "image_size": info.image_size,
+            "mean": list(info.mean), "std": list(info.std), "data_hash": info.data_hash}
+    write_json_atomic(folder / "model.json", meta)
+    return folder / "model.json"
+
+
+def read_info(folder: Path) -> ModelInfo:
+    """folder/model.json as a ModelInfo; UserError when there is none."""
     meta_path = folder / "model.json"
     if not meta_path.exists():
         raise UserError(f"{folder}: no trained model here (model.json missing); run `freezeflow train` first")
     meta = json.loads(meta_path.read_text())
-    info = ModelInfo(meta["backbone"], meta["classes"], meta["image_size"], tuple(meta["mean"]),
+    return ModelInfo(meta["backbone"], meta["classes"], meta["image_size"], tuple(meta["mean"]),
                      tuple(meta["std"]), meta.get("data_hash", ""))
+
+
+def load_model(folder: Path) -> tuple[StagedNet, ModelInfo]:
+    """Rebuild the architecture (no download) and load the weights with weights-only unpickling."""
+    info = read_info(folder)
     model = build_backbone(info.backbone, weights="none", num_classes=len(info.classes))
     model.load_state_dict(load_trusted(folder / "model.pt"))
+    return model.eval(), info
+
+
+def save_bundle(model: StagedNet, info: ModelInfo, folder: Path) -> Path:
+    """folder/weights.npz (every state-dict tensor as a CPU numpy array) + folder/model.json. Returns folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {key: value.detach().cpu().numpy() for key, value in model.state_dict().items()}
+    with open_atomic(folder / WEIGHTS_NPZ) as handle:
+        np.savez(handle, **arrays)
+    write_info(info, folder)
+    return folder
+
+
+def load_bundle(folder: Path) -> tuple[StagedNet, ModelInfo]:
+    """Rebuild the architecture (no download) and load weights.npz with allow_pickle=False: an object array
+    (the only way an npz can carry a pickle) is refused with a one-line UserError."""
+    info = read_info(folder)
+    model = build_backbone(info.backbone, weights="none", num_classes=len(info.classes))
+    try:
+        with np.load(folder / WEIGHTS_NPZ, allow_pickle=False) as arrays:
+            state = {key: torch.from_numpy(arrays[key]) for key in arrays.files}
+    except FileNotFoundError:
+        raise UserError(f"{folder / WEIGHTS_NPZ}: no such file") from None
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:  # object arrays need pickle: refused
+        raise UserError(f"{folder / WEIGHTS_NPZ}: refused to load: not a plain weights file ({first_line(exc)})") \
+            from None
+    model.load_state_dict(state)
     return model.eval(), info
 
 
