@@ -305,11 +305,16 @@ def bench(ctx: typer.Context) -> None:
 @app.command()
 def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1"),
        workers: int = typer.Option(1, help="uvicorn workers (mlflow's default of 4 starts slowly on small machines).")) -> None:
-    """Start the MLflow UI over the project's tracking store (127.0.0.1 unless --host).
+    """Start the MLflow UI over the project's tracking store, on this machine only (loopback).
 
     Example: freezeflow ui --port 5000
     """
+    from freezeflow.integrations.servers import is_loopback
     from freezeflow.integrations.tracking import resolve_tracking_uri
+
+    if not is_loopback(host):  # `mlflow ui` has no auth: a network host would open the store to anyone
+        raise UserError(f"--host {host}: `freezeflow ui` serves 127.0.0.1, ::1 or localhost only; for a team UI run "
+                        "`freezeflow server mlflow --host HOST` (basic auth on), or reach this one over ssh -L")
 
     uri = resolve_tracking_uri(ROOT.resolve())
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,

@@ -422,3 +422,15 @@ def test_optuna_storage_from_a_file_is_masked_everywhere(project, tmp_path):
             cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.close()
 
+
+
+def test_ui_refuses_a_network_host_in_one_line(tmp_path):
+    """`mlflow ui` has no auth: `freezeflow ui` never opens the store on a network interface."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "from freezeflow.app.cli import main; main()", "ui", "--host",
+                           "0.0.0.0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--host 0.0.0.0" in lines[0] and "freezeflow server mlflow" in lines[0], proc.stderr
