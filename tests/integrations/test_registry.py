@@ -28,7 +28,7 @@ from freezeflow.core.params import load_params
 from freezeflow.integrations.registry import (champion_info, decide_promotion, load_downloaded, load_registered,
                                               promote_or_keep, register_model, val_split_hash)
 from freezeflow.integrations.tracking import tracked_training, tracking_scope
-from tests.conftest import CLASSES, REPO, draw_figure, write_figures_dataset
+from tests.conftest import CLASSES, REPO, WritesMarker, draw_figure, write_figures_dataset
 from tests.integrations.conftest import store, store_uri
 
 
@@ -68,16 +68,6 @@ def test_promote_or_keep_aliases_and_tags_the_reason(tracked_project):
     assert str(challenger.version) == second["version"] and challenger.tags["decision"] == second["reason"]
     with pytest.raises(UserError, match="--alias: 'best' is not allowed; allowed: champion, challenger"):
         register_model(result["run_id"], "promoted", alias="best", tracking_uri=uri)
-
-
-class WritesMarker:
-    """A pickle payload: unpickling it calls open(marker, "w"), which creates the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def test_weights_that_would_run_code_are_refused(tmp_path, tracked_project):

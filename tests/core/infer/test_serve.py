@@ -25,7 +25,7 @@ from freezeflow.core.infer.serve import ROW_KEYS, serve_items
 from freezeflow.core.models.io import WEIGHTS_NPZ, load_bundle, load_model, predict_images, save_bundle
 from freezeflow.core.params import load_params
 from freezeflow.core.train.run import run_training
-from tests.conftest import CLASSES, REPO, write_figures_dataset
+from tests.conftest import CLASSES, REPO, WritesMarker, write_figures_dataset
 
 
 @pytest.fixture(scope="module")
@@ -124,16 +124,6 @@ def test_top_k_and_batches(trained):
     assert all(len(r["top"]) == 3 for r in serve_items(items[:1], run, classes, 32, top_k=10))  # 3 classes
     with pytest.raises(DataError, match="top_k"):
         serve_items(items, run, classes, 32, top_k=0)
-
-
-class WritesMarker:
-    """A pickle payload: unpickling it calls open(marker, "w"), which creates the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def test_bundle_weights_round_trip_without_pickle_and_an_object_array_is_refused(trained, tmp_path):
