@@ -88,15 +88,16 @@ def decode_missing(store: Path, todo: list[tuple[Path, str]], params: DataParams
                    progress: Callable[[int, int], None] | None = None) -> int:
     """Decode each (file, md5) of `todo` into new chunks of `store`; returns how many were decoded.
 
-    Threads decode (PIL releases the GIL); one chunk is committed every CHUNK_BYTES of rows.
+    Threads decode (PIL releases the GIL); one chunk is committed every CHUNK_BYTES of rows, by a
+    writer thread while the next chunk decodes (its checksum and fsync would otherwise idle the decoders).
     """
     size = params.image_size
     per_chunk = max(1, CHUNK_BYTES // (3 * size * size))
-    done = 0
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    done, pending = 0, None
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool, ThreadPoolExecutor(1) as writer:
         for start in range(0, len(todo), per_chunk):
             batch = todo[start:start + per_chunk]
-            rows = np.empty((len(batch), 3, size, size), np.uint8)
+            rows = np.empty((len(batch), 3, size, size), np.uint8)  # a fresh buffer: the writer may hold the last
 
             def decode_into(i: int) -> str | None:
                 pixels, reason = decode_file(batch[i][0], params)
@@ -112,7 +113,12 @@ def decode_missing(store: Path, todo: list[tuple[Path, str]], params: DataParams
                     progress(done, len(todo))
             good = [i for i, reason in enumerate(reasons) if reason is None]
             skipped = {batch[i][1]: r for i, r in enumerate(reasons) if r is not None and r not in TRANSIENT}
-            write_chunk(store, rows[good], [batch[i][1] for i in good], skipped)
+            if pending is not None:
+                pending.result()  # one chunk in flight at most; a failed write stops the prepare here
+            pending = writer.submit(write_chunk, store, rows if len(good) == len(rows) else rows[good],
+                                    [batch[i][1] for i in good], skipped)
+        if pending is not None:
+            pending.result()
     return done
 
 

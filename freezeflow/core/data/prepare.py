@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,6 +61,7 @@ class Prepared:
     decoded: int = 0  # files decoded by the prepare call that returned this (0: all from the store)
     digests: tuple[str, ...] = ()  # md5 of each row's file bytes: what per-image caches are keyed by
     pixels: str = ""  # the pixel store (decode setting) the rows came from: the rest of a row's identity
+    seconds: float = 0.0  # wall time of the prepare call that returned this: scan, hashes, decode, view
 
     @property
     def image_size(self) -> int:
@@ -176,9 +178,17 @@ def prepare_dataset(params: DataParams, out_root: Path = Path("prepared"),
                     progress: Callable[[int, int], None] | None = None) -> Prepared:
     """Decode + resize only contents the pixel store lacks; reuse the prepared view when nothing changed.
 
-    `prepared.decoded` counts the files decoded by this call (0 on a cache hit, M after M new files).
+    `prepared.decoded` counts the files decoded by this call (0 on a cache hit, M after M new files),
+    `prepared.seconds` its wall time (the work alone: no module imports).
     """
-    root, out_root = Path(params.dir), Path(out_root)
+    started = time.perf_counter()
+    prepared = find_or_build(params, Path(out_root), progress)
+    return replace(prepared, seconds=round(time.perf_counter() - started, 4))
+
+
+def find_or_build(params: DataParams, out_root: Path, progress: Callable[[int, int], None] | None) -> Prepared:
+    """The view of params' files: opened when it exists, else built from the store (decoding what it lacks)."""
+    root = Path(params.dir)
     classes, items = scan_image_folder(root)
     names = [relative_posix(root, path) for path, _ in items]
     data_hash, digests = resolve_digests(root, [path for path, _ in items], out_root / ".hashes", names)

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -113,10 +112,8 @@ def run_training(params: Params, root: Path = Path("."), resume: bool = False,
     validate_params(params)
     world = distributed.init_distributed(params.train.device)  # under torchrun: join the group
     layout = Layout(Path(root))
-    started = time.perf_counter()
     with distributed.main_first():  # rank 0 decodes the images once, the others open its cache
         prepared = open_prepared(params, layout, progress if world.is_main else None)
-    prepare_s = time.perf_counter() - started
     params = resolve_lr(params, prepared, layout, resume, (callbacks or []) if world.is_main else [])
     reference = lambda: probe_head_accuracy(params, prepared, layout)  # noqa: E731 - asked for lazily
     trainer = build_trainer(params, prepared, layout, callbacks or [], reference=reference)
@@ -130,7 +127,7 @@ def run_training(params: Params, root: Path = Path("."), resume: bool = False,
     y_test = prepared.labels[prepared.split["test"]]
     test = summarize_predictions(y_test, test_logits.argmax(1).numpy(), prepared.classes)
     metrics = summarize_run(result, test["accuracy"], params, prepared) | {"processes": world.size} | \
-        work_done(prepared, trainer, prepare_s)
+        work_done(prepared, trainer)
     if world.is_main:
         write_outputs(trainer, prepared, params, metrics, result, layout)
     distributed.barrier()  # the others return once the outputs exist
@@ -172,10 +169,10 @@ def summarize_run(result: TrainResult, test_accuracy: float, params: Params, pre
     }
 
 
-def work_done(prepared: Prepared, trainer: Trainer, prepare_s: float) -> dict:
+def work_done(prepared: Prepared, trainer: Trainer) -> dict:
     """What this run computed rather than reused: decoded images, feature rows (this process's), and their time."""
     cache = trainer.cache
-    return {"images_decoded": prepared.decoded, "prepare_s": round(prepare_s, 4),
+    return {"images_decoded": prepared.decoded, "prepare_s": prepared.seconds,
             "feature_rows_computed": cache.rows_computed if cache else 0,
             "feature_build_s": round(cache.build_seconds, 4) if cache else 0.0}
 

@@ -12,9 +12,11 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+import torch.nn.functional as F
 from torch import nn
 
 from freezeflow.core.backbone_names import BACKBONE_NAMES
+from freezeflow.core.models.efficientnet_lite import pad_same
 from freezeflow.core.errors import UserError
 from freezeflow.core.models.registry import (BACKBONES, BackboneSpec, build_backbone, get_backbone, min_image_size,
                                              normalization)
@@ -89,6 +91,22 @@ def test_lite0_stages_chain_to_forward(lite0):
     check_stages(lite0, 1000)
     # Published: 0.385 GMACs at 224 px; every stride divides 64, so FLOPs scale by (64/224)^2.
     assert sum(count_stage_flops(lite0, 64)) == pytest.approx(2 * 0.385e9 * (64 / 224) ** 2, rel=0.05)
+
+
+def test_lite0_channels_last_equals_contiguous(lite0):
+    """TF 'SAME' padding pads a channels_last input in its own layout (pad_same): same values, same grads."""
+    x = torch.randn(2, 3, 67, 64)  # odd height: uneven pads on one axis
+    with torch.no_grad():
+        torch.testing.assert_close(lite0(x.contiguous(memory_format=torch.channels_last)), lite0(x),
+                                   rtol=1e-4, atol=1e-5)
+    a = x.clone().requires_grad_()
+    b = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    plain, fast = F.pad(a, [0, 1, 1, 2]), pad_same(b, [0, 1, 1, 2])
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=0)
+    plain.square().sum().backward()
+    fast.square().sum().backward()
+    torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", BACKBONES)
