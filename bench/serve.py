@@ -78,7 +78,7 @@ def run_build(spec: dict) -> dict:
     from freezeflow.core.models.io import ModelInfo, save_bundle
     from freezeflow.core.models.registry import build_backbone, normalization
     from freezeflow.core.params import ServeParams
-    from freezeflow.integrations.onnx_runtime import export_onnx, parity_pixels
+    from freezeflow.integrations.onnx_export import export_onnx, parity_pixels
     from freezeflow.integrations.serving import ONNX_FILE, save_serving_model
 
     prepared, folder = load_prepared(Path(spec["prepared_dir"])), Path(spec["folder"])

@@ -194,14 +194,14 @@ EXPORT_FORMATS = ("onnx",)
 def export_step(params: Params, root: Path, model_uri: str | None = None, fmt: str = "onnx",
                 out: Path | None = None) -> dict:
     """`freezeflow export --format onnx`: the model (`--model URI`, else models/) as an ONNX file with a dynamic
-    batch axis, checked against PyTorch on the prepared val images at the model's size (integrations.onnx_runtime,
+    batch axis, checked against PyTorch on the prepared val images at the model's size (integrations.onnx_export,
     the code training runs for serve.runtime onnx); with a URI, the file and the parity figure go to the run
     that logged the model. UserError (one line) when it cannot export or misses parity."""
     if fmt not in EXPORT_FORMATS:  # before the imports below (torch, onnx): a typo answers at once
         raise UserError(f"--format: {fmt!r} is not allowed; allowed: {', '.join(EXPORT_FORMATS)}")
     from dataclasses import replace
 
-    from freezeflow.integrations.onnx_runtime import export_onnx, parity_pixels
+    from freezeflow.integrations.onnx_export import export_onnx, parity_pixels
 
     model, info = load_step_model(root, model_uri)
     params = resolve_data_params(params, root)

@@ -188,43 +188,6 @@ def drop_corrupt(store: Path, chunks: list[Chunk], names: set[str]) -> list[Chun
     return kept
 
 
-def copy_rows(store: Path, locations: list[tuple[str, int]], out: np.ndarray) -> None:
-    """out[i] = the store's row locations[i] (out C-contiguous, (N, ...)): chunk by chunk, runs of rows
-    read straight into out."""
-    by_chunk: dict[str, tuple[list[int], list[int]]] = {}
-    for i, (chunk, row) in enumerate(locations):
-        dst, src = by_chunk.setdefault(chunk, ([], []))
-        dst.append(i)
-        src.append(row)
-    for chunk, (dst, src) in by_chunk.items():
-        copy_runs(store / f"{chunk}.npy", np.asarray(src), out, np.asarray(dst))
-
-
-def copy_runs(path: Path, src: np.ndarray, out: np.ndarray, dst: np.ndarray) -> None:
-    """out[dst] = rows[src] of the chunk at path. Rows are written in the order they are read, so both
-    sides are mostly runs of consecutive indices: each run is one read into out (a memory-map's page
-    faults are ~4x slower on a cold file, and fancy indexing ~4x slower on a warm one)."""
-    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
-    with open(path, "rb", buffering=0) as handle:
-        shape, _, dtype = read_header(handle)
-        if len(breaks) > len(src) // 8 or dtype != out.dtype or tuple(shape[1:]) != out.shape[1:] \
-                or not out.flags.c_contiguous:  # scattered rows, or out of another layout: one fancy index
-            out[dst] = np.load(path, mmap_mode="r")[src]
-            return
-        start, row_bytes = handle.tell(), int(np.prod(shape[1:])) * dtype.itemsize
-        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(src)]):
-            first, n = int(src[lo]), int(hi - lo)
-            if first + n > shape[0]:
-                raise ValueError(f"{path}: rows {first}..{first + n - 1} of {shape[0]}")
-            target = memoryview(out[dst[lo]:dst[lo] + n]).cast("B")
-            handle.seek(start + first * row_bytes)
-            while len(target):  # a read can return less than asked (over 2 GiB on Linux)
-                got = handle.readinto(target)
-                if not got:
-                    raise ValueError(f"{path}: shorter than its header says")
-                target = target[got:]
-
-
 def store_bytes(store: Path) -> int:
     """Bytes on disk of everything in a store folder."""
     return sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
@@ -280,6 +243,47 @@ class ChunkRows:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[np.arange(len(self))]
         return out if dtype is None else out.astype(dtype)
+
+
+class ViewRows:
+    """(V, N, ...) rows: V views of N rows each, view v a ChunkRows. `rows[v]` is that ChunkRows,
+    `rows[v, idx]` an ndarray (idx as ChunkRows takes it), np.asarray(rows) a copy of all of them."""
+
+    def __init__(self, views: list[ChunkRows]):
+        if not views or len({(v.shape, v.dtype) for v in views}) > 1:
+            raise ValueError("ViewRows needs one or more views of one shape and dtype")
+        self.views, self.dtype = views, views[0].dtype
+        self.shape = (len(views), *views[0].shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.views)
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple) and len(key) == 2:
+            return self.views[key[0]][key[1]]
+        if isinstance(key, (int, np.integer)):
+            return self.views[key]
+        raise TypeError("ViewRows takes a view (int) or a view and rows (v, idx)")
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.stack([np.asarray(v) for v in self.views])
+        return out if dtype is None else out.astype(dtype)
+
+
+def open_located(store: Path, locations: list[tuple[str, int]]) -> ChunkRows:
+    """ChunkRows of the rows at `locations` ((chunk name, row) each, as `locate` gives them), in that order."""
+    names = list(dict.fromkeys(chunk for chunk, _ in locations))
+    number = {name: n for n, name in enumerate(names)}
+    where = np.array([(number[chunk], row) for chunk, row in locations], dtype=np.int64).reshape(-1, 2)
+    return open_rows(store, names, where)
 
 
 def open_rows(store: Path, names: list[str], where: np.ndarray) -> ChunkRows:

@@ -151,7 +151,7 @@ class TrainParams:
     compile: bool = documented(False, "torch.compile the trainable part")
     cache_features: str = choice("auto", ("auto", "on", "off"), "cache the frozen prefix's output")
     augment_views: int = bounded(0, 0, 64, "augmented views per image in the feature cache")
-    feature_memory_mb: int = bounded(2048, 0, None, "feature caches larger than this are memory-mapped")
+    feature_memory_mb: int = bounded(2048, 0, None, "FreezeOut features past this are memory-mapped (stored ones always are)")
     cache: CacheParams = field(default_factory=CacheParams)
     freeze: FreezeParams = field(default_factory=FreezeParams)
     augment: AugmentParams = field(default_factory=AugmentParams)

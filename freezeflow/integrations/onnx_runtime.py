@@ -1,49 +1,27 @@
-"""onnx_runtime: a trained model as an ONNX file, checked against PyTorch, and the runtime that serves it.
+"""onnx_runtime: the runtime that serves a model's ONNX file, with no torch (onnx_export writes and checks it).
 
-    export_onnx         torch.onnx.export with the torch.export-based exporter (dynamo=True: the TorchScript
-                        exporter is deprecated since torch 2.9) of softmax(model(images)): input `images`,
-                        float32 (N, 3, S, S) normalized as in training (preprocess.normalize_batch), N dynamic;
-                        output `probabilities` (N, classes). One self-contained file (no external data).
-                        Then `measure_parity` on real images; above the tolerance the export fails (one line).
-    measure_parity      max abs diff between predict_images (PyTorch) and onnxruntime probabilities.
-    onnx_probabilities  the served model's onnx runtime: uint8 (N, 3, S, S) -> probabilities.
+    onnx_probabilities  uint8 (N, 3, S, S) -> preprocess.normalize_array (normalize_batch's numbers, in numpy)
+                        -> onnxruntime -> probabilities (N, classes)
+    open_session        an onnxruntime CPU session, every graph optimization on
+    require_onnx        one line naming what to install when onnx, onnxscript or onnxruntime is missing
 
-onnx, onnxscript (the exporter's) and onnxruntime are imported inside the functions, so that importing this
+A bundle with serve.runtime: onnx thus needs numpy, Pillow, onnxruntime and freezeflow's torch-free modules
+(tested with torch made unimportable). onnxruntime is imported inside the functions, so that importing this
 module costs nothing: `pip install 'freezeflow[serve]'` (pinned in requirements.lock).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
-from freezeflow.core.data.prepare import Prepared
-from freezeflow.core.data.preprocess import normalize_batch
-from freezeflow.core.errors import UserError, first_line
+from freezeflow.core.data.preprocess import normalize_array
+from freezeflow.core.errors import UserError
 from freezeflow.core.infer.predict import Probabilities
-from freezeflow.core.io import write_bytes_atomic
-from freezeflow.core.models.io import ModelInfo, predict_images
+from freezeflow.core.models.info import ModelInfo
 
-PARITY_TOLERANCE = 1e-4  # max abs diff of probabilities an export may show against PyTorch
-PARITY_IMAGES = 64  # val images the parity check runs on
 INPUT, OUTPUT = "images", "probabilities"  # the ONNX graph's names
-CHUNK = 64  # images per onnxruntime call in the parity check
-
-
-class ProbabilitiesNet(nn.Module):
-    """softmax(model(x)), as predict_images computes it: the exported graph ends in probabilities."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) normalized -> (N, classes)
-        return torch.softmax(self.model(x), dim=1)
 
 
 def require_onnx() -> None:
@@ -60,29 +38,6 @@ def module_exists(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def parity_pixels(prepared: Prepared, count: int = PARITY_IMAGES) -> np.ndarray:
-    """uint8 (n, 3, S, S): the first `count` images of the val split (real images, not noise), at least 2."""
-    rows = prepared.split["val"][:count]
-    if len(rows) < 2:  # a batch of one would let torch.export fix the batch size at 1
-        rows = np.resize(rows if len(rows) else np.arange(1), 2)
-    return np.ascontiguousarray(prepared.images[rows])
-
-
-def export_bytes(model: nn.Module, info: ModelInfo, pixels: np.ndarray, name: str) -> bytes:
-    """The ONNX model as bytes (example: two of `pixels`; batch axis dynamic); UserError when it cannot export."""
-    example = normalize_batch(np.ascontiguousarray(pixels[:2]), info.mean, info.std)  # (2, 3, S, S)
-    batch = torch.export.Dim("batch", min=1, max=65_536)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress, step by step
-            program = torch.onnx.export(ProbabilitiesNet(model).eval(), (example,), input_names=[INPUT],
-                                        output_names=[OUTPUT], dynamic_shapes=({0: batch},), dynamo=True,
-                                        external_data=False, optimize=True, verbose=False)
-    except Exception as exc:  # noqa: BLE001 - torch.export and the ONNX translation raise many kinds
-        raise UserError(f"{name}: cannot export to ONNX ({type(exc).__name__}: {first_line(exc)}); allowed: "
-                        "serve.runtime: torch, which serves the model as it is") from None
-    return program.model_proto.SerializeToString()
-
-
 def open_session(model: Path | str | bytes):
     """An onnxruntime CPU session over a file or the model's bytes, every graph optimization on."""
     import onnxruntime as ort
@@ -94,39 +49,13 @@ def open_session(model: Path | str | bytes):
 
 
 def onnx_probabilities(model: Path | str | bytes, info: ModelInfo) -> Probabilities:
-    """The ONNX runtime: uint8 (N, 3, S, S) -> normalize_batch (as in training) -> onnxruntime -> (N, classes)."""
+    """The ONNX runtime: uint8 (N, 3, S, S) -> normalize_array (as in training) -> onnxruntime -> (N, classes)."""
     session = open_session(model)
 
     def probabilities(pixels: np.ndarray) -> np.ndarray:
-        x = normalize_batch(pixels, info.mean, info.std).numpy()  # float32 (N, 3, S, S)
+        x = normalize_array(pixels, info.mean, info.std)  # float32 (N, 3, S, S)
         return session.run([OUTPUT], {INPUT: x})[0]
 
     return probabilities
 
 
-def measure_parity(model: nn.Module, info: ModelInfo, onnx_model: Path | str | bytes, pixels: np.ndarray) -> float:
-    """Max abs diff of probabilities between PyTorch (predict_images) and onnxruntime on the same uint8 images."""
-    run_onnx = onnx_probabilities(onnx_model, info)
-    worst = 0.0
-    for start in range(0, len(pixels), CHUNK):
-        block = np.ascontiguousarray(pixels[start:start + CHUNK])
-        expected = predict_images(model, info, torch.from_numpy(block)).numpy()
-        worst = max(worst, float(np.abs(run_onnx(block) - expected).max()))
-    return worst
-
-
-def export_onnx(model: nn.Module, info: ModelInfo, pixels: np.ndarray, path: Path,
-                tolerance: float = PARITY_TOLERANCE, name: str = "model") -> float:
-    """Write `path` (an ONNX model with a dynamic batch axis) once it matches PyTorch on `pixels` (uint8
-    (n, 3, S, S) real images) within `tolerance`; returns the max abs diff. UserError (one line naming `name`
-    and the figure) when it cannot export or does not reach parity: then `path` is left as it was."""
-    require_onnx()
-    model = model.cpu().eval()
-    data = export_bytes(model, info, pixels, name)
-    parity = measure_parity(model, info, data, pixels)
-    if not parity <= tolerance:  # NaN fails too
-        raise UserError(f"{name}: the ONNX export does not reach parity with PyTorch: max abs diff of probabilities "
-                        f"{parity:.3g} on {len(pixels)} val images > {tolerance:g}; allowed: serve.runtime: torch, "
-                        "which serves the model as it is")
-    write_bytes_atomic(path, data)
-    return parity

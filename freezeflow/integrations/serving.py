@@ -16,8 +16,9 @@ The logged model's folder:
     artifacts/model.json          backbone, classes, image_size, mean, std (core.models.io)
     artifacts/weights.npz         the state dict as plain arrays, read with allow_pickle=False
     artifacts/model.onnx          serve.runtime: onnx only (integrations.onnx_runtime: parity-checked)
-    code/freezeflow/              the freezeflow package it was logged with: serving needs torch, torchvision,
-                                  numpy, Pillow and pandas (pip_requirements), plus onnxruntime for onnx
+    code/freezeflow/              the freezeflow package it was logged with: serving needs numpy, Pillow and
+                                  pandas (pip_requirements), plus torch and torchvision for runtime torch, or
+                                  onnxruntime alone for runtime onnx (torch is never imported then)
 model_config: runtime, top_k, batch_size, max_pixels (params/serve.yaml when the model was logged).
 """
 
@@ -36,17 +37,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import PIL
-import torch
-import torchvision
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
 import freezeflow
-from freezeflow.core.infer.predict import torch_probabilities
 from freezeflow.core.infer.serve import ROW_KEYS, serve_items
-from freezeflow.core.models.io import WEIGHTS_NPZ, load_bundle, read_info
+from freezeflow.core.models.info import WEIGHTS_NPZ, read_info
 from freezeflow.core.params import ServeParams
 
 CODE_FILE = Path(__file__).with_name("serving_model.py")  # what mlflow runs: set_model(ServedModel())
@@ -73,6 +71,9 @@ class ServedModel(PythonModel):
             self.info = read_info(folder)
             self.probabilities = onnx_probabilities(context.artifacts["onnx"], self.info)
         else:
+            from freezeflow.core.infer.predict import torch_probabilities
+            from freezeflow.core.models.io import load_bundle
+
             model, self.info = load_bundle(folder)
             self.probabilities = torch_probabilities(model, self.info)
 
@@ -133,13 +134,15 @@ def example_input(pixels: np.ndarray) -> pd.DataFrame:
 
 def pip_requirements(runtime: str) -> list[str]:
     """Given explicitly (MLflow's inference would load the model in a subprocess): what the bundle imports."""
-    pins = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
-            f"numpy=={np.__version__}", f"pillow=={PIL.__version__}", f"pandas=={pd.__version__}"]
+    pins = [f"numpy=={np.__version__}", f"pillow=={PIL.__version__}", f"pandas=={pd.__version__}"]
     if runtime == "onnx":
         import onnxruntime
 
-        pins.append(f"onnxruntime=={onnxruntime.__version__}")
-    return pins
+        return [*pins, f"onnxruntime=={onnxruntime.__version__}"]
+    import torch
+    import torchvision
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}", *pins]
 
 
 def copy_package(dest: Path) -> Path:

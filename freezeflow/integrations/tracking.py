@@ -54,7 +54,7 @@ from freezeflow.core.data.prepare import Prepared
 from freezeflow.core.data.prepare import open_prepared
 from freezeflow.core.layout import Layout, dataset_name, resolve_data_params
 from freezeflow.core.train.run import run_training
-from freezeflow.integrations.onnx_runtime import export_onnx, parity_pixels
+from freezeflow.integrations.onnx_export import export_onnx, parity_pixels
 from freezeflow.integrations.secrets import first_line_masked, mask_url
 from freezeflow.integrations.serving import ONNX_FILE, log_serving_model
 

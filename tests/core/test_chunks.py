@@ -1,4 +1,4 @@
-"""core.chunks on real files: rows read across chunks (ChunkRows, copy_rows) equal the rows written,
+"""core.chunks on real files: rows read across chunks (ChunkRows, ViewRows) equal the rows written,
 and a chunk's checksum catches changed or missing bytes."""
 
 from __future__ import annotations
@@ -22,17 +22,26 @@ def store(tmp_path):
     return tmp_path, names, (a, b)
 
 
-def test_copy_rows_reads_runs_and_scattered_rows(store):
+def test_open_located_and_view_rows_read_runs_and_scattered_rows(store):
+    """What the feature store hands training: rows at (chunk, row) locations, in place, split into views."""
     root, (na, nb), (a, b) = store
     runs = [(na, i) for i in range(10, 40)] + [(nb, i) for i in range(5, 25)] + [(na, 3), (nb, 0), (na, 49)]
     scattered = [(na, int(i)) for i in np.random.default_rng(1).permutation(50)] + [(nb, 29), (nb, 2)]
     for locations in (runs, scattered):
-        out = np.empty((len(locations), 3, 4), np.float16)
-        chunks.copy_rows(root, locations, out)
-        assert np.array_equal(out, np.stack([(a if n == na else b)[r] for n, r in locations]))
-    wider = np.empty((3, 3, 4), np.float32)  # another dtype: converted, not reinterpreted
-    chunks.copy_rows(root, [(na, 0), (na, 1), (na, 2)], wider)
-    assert np.array_equal(wider, a[:3].astype(np.float32))
+        expected = np.stack([(a if n == na else b)[r] for n, r in locations])
+        rows = chunks.open_located(root, locations)
+        assert rows.shape == expected.shape and np.array_equal(np.asarray(rows), expected)
+        half = len(locations) // 2
+        views = chunks.ViewRows([chunks.ChunkRows(rows.arrays, rows.where[:half]),
+                                 chunks.ChunkRows(rows.arrays, rows.where[half:2 * half])])
+        assert views.shape == (2, half, 3, 4) and views.ndim == 4 and len(views) == 2
+        assert np.array_equal(views[1, [0, half - 1]], expected[[half, 2 * half - 1]])
+        assert np.array_equal(views[0][5:9], expected[5:9])
+        assert np.array_equal(np.asarray(views), expected[:2 * half].reshape(2, half, 3, 4))
+    with pytest.raises(TypeError, match="view"):
+        views[0, 1, 2]
+    with pytest.raises(ValueError, match="one shape"):
+        chunks.ViewRows([rows, chunks.ChunkRows(rows.arrays, rows.where[:3])])
 
 
 def test_chunk_rows_index_like_one_array(store):

@@ -10,12 +10,14 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlflow.artifacts
 import numpy as np
 import pandas as pd
 import pytest
@@ -31,8 +33,8 @@ from freezeflow.core.layout import Layout
 from freezeflow.core.models.io import ModelInfo, load_model, predict_images
 from freezeflow.core.models.staged import StagedNet
 from freezeflow.core.params import load_params
-from freezeflow.integrations.onnx_runtime import (PARITY_TOLERANCE, export_onnx, onnx_probabilities, open_session,
-                                                  parity_pixels)
+from freezeflow.integrations.onnx_export import PARITY_TOLERANCE, export_onnx, parity_pixels
+from freezeflow.integrations.onnx_runtime import onnx_probabilities, open_session
 from freezeflow.integrations.registry import load_registered, register_model
 from freezeflow.integrations.tracking import tracked_training, tracking_scope
 from tests.conftest import BIN, CLASSES, REPO, free_port, write_figures_dataset
@@ -132,6 +134,35 @@ def test_serve_runtime_onnx_logs_a_parity_checked_model_that_serves_on_onnxrunti
     expected = probabilities_of([r["top"] for r in predict_files(model, info, s.files)], list(info.classes))
     np.testing.assert_allclose(probabilities_of(out["top"].tolist(), list(info.classes)), expected, rtol=0,
                                atol=PARITY_TOLERANCE)
+
+
+NO_TORCH = """
+import json, sys
+sys.modules["torch"] = sys.modules["torchvision"] = None  # any import of them now raises ImportError
+import mlflow.pyfunc, pandas as pd
+model = mlflow.pyfunc.load_model("models:/served-onnx@champion")
+out = model.predict(pd.DataFrame({"image": json.loads(sys.stdin.read())}))
+print(json.dumps({"top": out["top"].tolist(), "error": out["error"].tolist(), "torch": sys.modules["torch"] is None}))
+"""
+
+
+def test_an_onnx_bundle_serves_without_torch(served):
+    """serve.runtime onnx needs onnxruntime, numpy, Pillow and pandas only: a process where torch cannot be
+    imported loads the champion and gives the torch model's probabilities; its requirements name no torch."""
+    s = served
+    files = [b64(f.read_bytes()) for f in s.files] + [b64(b"not an image")]
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH], input=json.dumps(files), capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": s.uri}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["torch"] and out["error"][:-1] == [None] * len(s.files) and "not_an_image" in out["error"][-1]
+    model, info = load_registered("models:/served-onnx@champion", s.uri)
+    expected = probabilities_of([r["top"] for r in predict_files(model, info, s.files)], list(info.classes))
+    np.testing.assert_allclose(probabilities_of(out["top"][:-1], list(info.classes)), expected, rtol=0,
+                               atol=PARITY_TOLERANCE)
+    requirements = Path(mlflow.artifacts.download_artifacts(f"runs:/{s.onnx_run}/model/requirements.txt",
+                                                            tracking_uri=s.uri)).read_text()
+    assert "onnxruntime==" in requirements and "torch" not in requirements
 
 
 def test_freezeflow_export_writes_an_onnx_file_with_a_dynamic_batch_and_logs_parity(served):

@@ -4,7 +4,9 @@ predict and the served MLflow model (core.infer.serve).
 
     file, bytes or uint8 array --decode_pixels--> uint8 (3, S, S)  decode (images.read_rgb) + resize_pixels
     decoded RGB image  --resize_pixels-->   uint8 (3, S, S)           shorter side to S, center crop
-    uint8 (N, 3, S, S) --normalize_batch--> float32 (N, 3, S, S)      (x / 255 - mean) / std
+    uint8 (N, 3, S, S) --normalize_batch--> float32 (N, 3, S, S)      (x / 255 - mean) / std, a tensor
+    uint8 (N, 3, S, S) --normalize_array--> float32 (N, 3, S, S)      the same numbers in numpy (no torch:
+                                                                     the ONNX runtime's; tested bit for bit)
     decoded images     --preprocess_images--> float32 (N, 3, S, S)    both
 mean and std are the backbone's (core.models.registry.normalization, saved in model.json).
 """
@@ -12,15 +14,18 @@ mean and std are the backbone's (core.models.registry.normalization, saved in mo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from freezeflow.core.data.images import Source, array_rgb, describe_reason, read_rgb, resize_square
 from freezeflow.core.errors import DataError
 
-Rgb = Sequence[float] | torch.Tensor
+if TYPE_CHECKING:  # torch is imported where a tensor is made: decoding and normalize_array never need it
+    import torch
+
+Rgb = "Sequence[float] | torch.Tensor"
 ImageInput = Source | np.ndarray  # a file, its bytes, an open binary file, or decoded uint8 pixels (H, W[, C])
 
 
@@ -60,6 +65,8 @@ def normalize_batch(images: torch.Tensor | np.ndarray, mean: Rgb, std: Rgb) -> t
 
     mean/std: 3 numbers, or tensors already shaped (1, 3, 1, 1) on that device (the training loop's).
     """
+    import torch
+
     x = torch.as_tensor(images)  # numpy: shares memory, nothing is copied yet
     if x.dtype != torch.uint8:  # the in-place divide below must never touch a caller's float tensor
         raise TypeError(f"normalize_batch needs uint8 images, got {x.dtype}")
@@ -68,8 +75,21 @@ def normalize_batch(images: torch.Tensor | np.ndarray, mean: Rgb, std: Rgb) -> t
     return (x.float().div_(255.0) - mean) / std
 
 
+def normalize_array(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """normalize_batch without torch: uint8 (N, 3, S, S) -> float32 (N, 3, S, S), the same float32 operations in
+    the same order, so the same bits (every uint8 value x channel is checked against normalize_batch)."""
+    x = np.asarray(images)
+    if x.dtype != np.uint8:
+        raise TypeError(f"normalize_array needs uint8 images, got {x.dtype}")
+    mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return (x.astype(np.float32) / np.float32(255.0) - mean) / std
+
+
 def preprocess_images(images: Sequence[Image.Image | np.ndarray], size: int, mean: Rgb, std: Rgb) -> torch.Tensor:
     """Decoded RGB images -> float32 (N, 3, size, size): what a model's forward (and the logged MLflow model) takes."""
     if not images:
+        import torch
+
         return torch.empty(0, 3, size, size)
     return normalize_batch(np.stack([resize_pixels(image, size) for image in images]), mean, std)

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from freezeflow.core.data.folders import list_files
 from freezeflow.core.errors import UserError
 from freezeflow.core.data.images import is_hidden
 from freezeflow.core.data.preprocess import read_pixels
-from freezeflow.core.models.io import ModelInfo, predict_images
+from freezeflow.core.models.info import ModelInfo
+
+if TYPE_CHECKING:  # the row logic (label_batch) serves the ONNX runtime too, which has no torch
+    import torch
 
 Probabilities = Callable[[np.ndarray], np.ndarray]  # uint8 (N, 3, S, S) -> float32 (N, classes), rows sum to 1
 
@@ -83,6 +85,10 @@ def label_batch(items: Sequence[Any], load: Callable[[Any], np.ndarray], probabi
 
 def torch_probabilities(model: torch.nn.Module, info: ModelInfo) -> Probabilities:
     """The PyTorch runtime: predict_images (normalize as in training, forward, softmax) on a uint8 batch."""
+    import torch
+
+    from freezeflow.core.models.io import predict_images
+
     return lambda pixels: predict_images(model, info, torch.from_numpy(pixels)).numpy()
 
 

@@ -1,5 +1,5 @@
 """The model folder: saving and loading a trained model (a weights-only state dict plus model.json saying how
-to rebuild and feed it), and `predict_images`, its class probabilities for prepared uint8 images.
+to rebuild and feed it: core.models.info), and `predict_images`, its class probabilities for prepared uint8 images.
 
 Two weights formats, the same model.json beside each:
     model.pt      torch.save of the state dict, read with weights-only unpickling (models/, checkpoints)
@@ -9,31 +9,18 @@ Two weights formats, the same model.json beside each:
 
 from __future__ import annotations
 
-import json
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from freezeflow.core.data.preprocess import normalize_batch
+from freezeflow.core.models.info import WEIGHTS_NPZ, ModelInfo, read_info, write_info  # noqa: F401 - torch-free
 from freezeflow.core.models.registry import build_backbone
 from freezeflow.core.models.staged import StagedNet
 from freezeflow.core.errors import UserError, first_line
-from freezeflow.core.io import load_trusted, open_atomic, save_atomic, write_json_atomic
-
-WEIGHTS_NPZ = "weights.npz"
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    backbone: str
-    classes: list[str]
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    data_hash: str = ""
+from freezeflow.core.io import load_trusted, open_atomic, save_atomic
 
 
 def save_model(model: StagedNet, info: ModelInfo, folder: Path) -> Path:
@@ -43,24 +30,6 @@ def save_model(model: StagedNet, info: ModelInfo, folder: Path) -> Path:
     save_atomic(state, folder / "model.pt")
     write_info(info, folder)
     return folder / "model.pt"
-
-
-def write_info(info: ModelInfo, folder: Path) -> Path:
-    """folder/model.json: backbone, classes, image_size, mean, std, data_hash."""
-    meta = {"backbone": info.backbone, "classes": info.classes, "image_size": info.image_size,
-            "mean": list(info.mean), "std": list(info.std), "data_hash": info.data_hash}
-    write_json_atomic(folder / "model.json", meta)
-    return folder / "model.json"
-
-
-def read_info(folder: Path) -> ModelInfo:
-    """folder/model.json as a ModelInfo; UserError when there is none."""
-    meta_path = folder / "model.json"
-    if not meta_path.exists():
-        raise UserError(f"{folder}: no trained model here (model.json missing); run `freezeflow train` first")
-    meta = json.loads(meta_path.read_text())
-    return ModelInfo(meta["backbone"], meta["classes"], meta["image_size"], tuple(meta["mean"]),
-                     tuple(meta["std"]), meta.get("data_hash", ""))
 
 
 def load_model(folder: Path) -> tuple[StagedNet, ModelInfo]:

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -98,33 +96,17 @@ def describe_store(store: Path, about: dict) -> None:
         write_json_atomic(store / "store.json", about | {"feature_version": FEATURE_VERSION})
 
 
-def gather_rows(store: Path, keys: list[str], views: int, memory_bytes: int) -> np.ndarray:
-    """(V, N, ...) fp16 of `keys` (view-major: V*N keys, all present). In RAM up to memory_bytes, else
-    in a private memory-mapped temp file (deleted on close), so no later prune can pull rows from
-    under a training."""
+def open_stored_rows(store: Path, keys: list[str], views: int) -> chunks.ViewRows:
+    """(V, N, ...) fp16 of `keys` (view-major: V*N keys, all present), read in place from the store's
+    memory-mapped chunks: nothing is copied up front (a grown dataset's N old rows cost no gather), and a
+    later prune cannot pull rows from under a training (an unlinked file stays readable while mapped)."""
     where = chunks.locate(chunks.read_chunks(store, PREFIX))
-    locations = [where[k] for k in keys]
-    shape = np.load(store / f"{locations[0][0]}.npy", mmap_mode="r").shape[1:]
+    rows = chunks.open_located(store, [where[k] for k in keys])
     n = len(keys) // views
-    nbytes = len(keys) * int(np.prod(shape)) * 2
-    if nbytes <= memory_bytes:
-        out = np.empty((views, n, *shape), np.float16)
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=".gather-", suffix=".npy", dir=store.parent)
-        os.close(fd)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(views, n, *shape))
-        with_unlinked(tmp)
-    chunks.copy_rows(store, locations, out.reshape(views * n, *shape))
     (store / ".used").touch()
-    return out
-
-
-def with_unlinked(path: str) -> None:
-    """Unlink an open memory-mapped file (POSIX keeps it until closed); elsewhere prune removes it later."""
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    if views == 1:
+        return chunks.ViewRows([rows])
+    return chunks.ViewRows([chunks.ChunkRows(rows.arrays, rows.where[v * n:(v + 1) * n]) for v in range(views)])
 
 
 # --- entries: what `freezeflow cache list` shows and `prune` removes ------------------------------------
@@ -193,8 +175,6 @@ def prune_entries(root: Path, max_bytes: int | None = None, older_than_s: float 
     rest fits in max_bytes. Entries named in `keep` (in use by this process) and locked ones stay.
     Returns what was removed."""
     entries = list_entries(root)
-    for tmp in root.glob(".gather-*.npy") if root.is_dir() else ():
-        tmp.unlink(missing_ok=True)  # left where an open file cannot be unlinked (Windows)
     total = sum(e.size_bytes for e in entries)
     removed = []
     for entry in entries:  # least recently used first

@@ -1,8 +1,9 @@
 """Frozen-feature cache: a frozen prefix gives the same output every epoch, so compute it once.
 
-`FeatureCache.level(k)` returns the output of stages 0..k-1 for every image of each split, as
-fp16 numpy arrays (in RAM, or memory-mapped past the memory budget): (V, N, C, H, W) for train
-(V augmented views, cycled by epoch) and (1, N, ...) for val and test. Features of a *pretrained*
+`FeatureCache.level(k)` returns the output of stages 0..k-1 for every image of each split, as fp16
+(V, N, C, H, W) for train (V augmented views, cycled by epoch) and (1, N, ...) for val and test: read in
+place from the store's memory-mapped chunks (chunks.ViewRows) for a pretrained prefix, numpy arrays
+(in RAM, or memory-mapped past train.feature_memory_mb) for a prefix this run trained. Features of a *pretrained*
 prefix come from the shared per-image store (core.train.feature_store: one row per image content
 and view), so epochs, runs, sweep trials and retrains on grown data compute each row once.
 Features of a prefix this run has trained (FreezeOut) live only as long as the run, extended
@@ -109,7 +110,7 @@ class FeatureSpec:
     source: str  # the decode setting of the rows (the pixel store's name): part of each stored row's identity
     root: Path | None  # shared cache folder (cache/features); None: nothing is stored
     run_root: Path | None = None  # where run-local (trained-prefix) levels live, for an exact resume
-    memory_mb: int = 2048  # levels larger than this stay memory-mapped
+    memory_mb: int = 2048  # run-local (FreezeOut) levels larger than this stay memory-mapped
     augment: AugmentParams | None = None
     views: int = 0  # augmented views per train image; 0: the images as they are
     seed: int = 0
@@ -148,7 +149,7 @@ class FeatureCache:
         self.rows_computed = 0  # feature rows (image x view) this process computed, not loaded
         self.stores: dict[int, Path] = {}  # level -> its store (store_path)
         self.prefixes: dict[int, torch.nn.Module] = {}  # level -> its inference prefix, for stored levels
-        self.build_seconds = 0.0  # time spent producing features: store checks, computing, gathering
+        self.build_seconds = 0.0  # time spent producing features: store checks, computing, opening
 
     def mark_trained(self, lowest_trainable: int) -> None:
         """Stages >= lowest_trainable have been trained in this run: their outputs are run-local."""
@@ -202,7 +203,7 @@ class FeatureCache:
             self.stores[k] = self.spec.root / feature_store.store_name(self.spec.backbone, k, digest, self.spec.source)
         return self.stores[k]
 
-    def stored_level(self, k: int, name: str) -> np.ndarray:
+    def stored_level(self, k: int, name: str) -> chunks.ViewRows:
         """(V, N, ...) of split `name` from the store; rows it lacks are computed first, under its lock
         (a second training waits, then finds them). Under torchrun each rank computes a part."""
         started = time.perf_counter()
@@ -219,10 +220,10 @@ class FeatureCache:
                     feature_store.describe_store(store, {"backbone": self.spec.backbone, "level": k,
                                                          "source": self.spec.source})
             distributed.barrier()
-            out = feature_store.gather_rows(store, keys, len(views), self.memory_bytes)
+            out = feature_store.open_stored_rows(store, keys, len(views))
         if self.spec.max_bytes and self.world.is_main:
             feature_store.prune_entries(self.spec.root, self.spec.max_bytes, keep=frozenset({store.name}))
-        self.build_seconds += time.perf_counter() - started  # checks, computing and gathering: all of it
+        self.build_seconds += time.perf_counter() - started  # checks, computing and opening: all of it
         return out
 
     def compute_missing(self, store: Path, k: int, missing: list[str], label: str) -> None:

@@ -1,5 +1,6 @@
 """preprocess: resize_pixels matches what prepare stores, normalize_batch is (x / 255 - mean) / std for arrays
-and tensors alike, preprocess_images chains both, and bad inputs fail loudly."""
+and tensors alike, normalize_array (the torch-free ONNX runtime's) gives its very bits, preprocess_images
+chains both, and bad inputs fail loudly."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from freezeflow.core.data.images import resize_square
-from freezeflow.core.data.preprocess import normalize_batch, preprocess_images, resize_pixels
+from freezeflow.core.data.preprocess import normalize_array, normalize_batch, preprocess_images, resize_pixels
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -38,6 +39,17 @@ def test_normalize_batch_matches_the_formula_for_arrays_tuples_and_tensors():
                                    torch.tensor(STD).view(1, 3, 1, 1))  # what the training loop passes
     assert torch.equal(from_tensors, from_tuples)
     assert images.dtype == np.uint8 and images.max() > 1  # the input is untouched
+
+
+@pytest.mark.parametrize("mean, std", [(MEAN, STD), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), ((0.0, 0.1, 1.0), (1.0, 0.3, 2.0))])
+def test_normalize_array_gives_normalize_batch_bit_for_bit(mean, std):
+    """Elementwise, so every (uint8 value, channel) pair checked is every input there can be."""
+    every = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16), (2, 3, 16, 16)).copy()
+    out = normalize_array(every, mean, std)
+    assert out.dtype == np.float32 and out.shape == every.shape
+    assert np.array_equal(out.view(np.uint32), normalize_batch(every, mean, std).numpy().view(np.uint32))
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_array(every.astype(np.float32), mean, std)
 
 
 def test_preprocess_images_is_resize_then_normalize():

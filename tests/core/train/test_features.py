@@ -124,10 +124,10 @@ def test_cached_features_equal_a_live_forward_pass(project, shapes_dir, tmp_path
         level = int(name.split("-")[1][1:])
         for split in ("train", "val"):
             keys = [f"{prepared.digests[i]}:plain" for i in prepared.split[split]]
-            cached = feature_store.gather_rows(store, keys, 1, 2**30)  # (V=1, N, C, H, W) fp16
+            cached = feature_store.open_stored_rows(store, keys, 1)  # (V=1, N, C, H, W) fp16
             assert cached.dtype == np.float16 and cached.shape[0] == 1
             live = live_prefix(weights, prepared.images[prepared.split[split]], level)
-            got = torch.from_numpy(cached[0].astype(np.float32))
+            got = torch.from_numpy(np.asarray(cached[0]).astype(np.float32))
             scale = float(live.abs().max())
             torch.testing.assert_close(got, live, rtol=2e-3, atol=1e-3 * max(scale, 1.0),
                                        msg=lambda m: f"{name} {split}: {m}")
