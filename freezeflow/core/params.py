@@ -309,7 +309,7 @@ class TuneParams:
     storage: str = documented("", "Optuna storage URL; empty = sqlite file under the project")
     study_name: str = documented("freezeflow", "study name (workers with the same name share it)")
     seed: int = bounded(0, 0, None, "TPE sampler seed")
-    pruner: str = choice("median", ("median", "hyperband", "none"), "early pruning of bad trials")
+    pruner: str = choice("median", ("median", "hyperband", "asha", "none"), "early pruning of bad trials")
     workers: int = bounded(1, 1, 256, "worker processes on this machine (`--workers` overrides)")
     heartbeat_interval: int = bounded(10, 1, None, "seconds between a running trial's heartbeats")
     grace_period: int = bounded(60, 1, None, "a trial without heartbeat this long failed (its worker died)")

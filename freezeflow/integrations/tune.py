@@ -260,6 +260,8 @@ def make_pruner(tune: Any) -> optuna.pruners.BasePruner:
         return optuna.pruners.MedianPruner()
     if tune.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=tune.epochs)
+    if tune.pruner == "asha":  # asynchronous successive halving: rungs at epochs 1, 3, 9, ...; the top third goes on
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 

@@ -1,5 +1,5 @@
 """Optuna sweeps for real: tiny studies on PNG files in tmp_path, worker processes sharing a sqlite
-file or a PostgreSQL database, a CUDA OOM in one trial, the median and hyperband pruners stopping a
+file or a PostgreSQL database, a CUDA OOM in one trial, the median, hyperband and ASHA pruners stopping a
 bad trial, the shared frozen-feature cache and the MLflow parent/child runs. No Optuna, MLflow or
 filesystem mocks (the OOM is our own trainer's epoch, monkeypatched in an in-process worker)."""
 
@@ -211,6 +211,7 @@ PRUNER_RUN = {"tune.space.batch_size.enabled": "false", "tune.space.schedule.ena
 @pytest.mark.parametrize("pruner, n_good", [
     ("median", 5),     # MedianPruner: the first 5 trials (n_startup_trials) are never pruned
     ("hyperband", 2),  # tune.epochs=2: one successive-halving bracket, its rung at epoch 1
+    ("asha", 2),       # rung at epoch 1: of 3 trials there, only the best third (one) goes on
 ])
 def test_pruner_stops_a_trial_with_a_bad_lr(project, monkeypatch, pruner, n_good):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
