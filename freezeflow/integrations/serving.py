@@ -139,10 +139,9 @@ def pip_requirements(runtime: str) -> list[str]:
         import onnxruntime
 
         return [*pins, f"onnxruntime=={onnxruntime.__version__}"]
-    import torch
-    import torchvision
+    from importlib.metadata import version  # torchvision's import alone costs ~2 s (its ops load torch._dynamo)
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}", *pins]
+    return [f"torch=={version('torch').split('+')[0]}", f"torchvision=={version('torchvision').split('+')[0]}", *pins]
 
 
 def copy_package(dest: Path) -> Path:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Callable
 
-import torchvision
 from torch import nn
 
 from freezeflow.core.backbone_names import BACKBONE_NAMES, TIMM_SHOWN, is_timm_name
@@ -89,6 +88,8 @@ def split_convnext(net: nn.Module) -> tuple[list[nn.Module], list[str]]:
 
 
 def build_torchvision(name: str, split: Split) -> StagedParts:
+    import torchvision  # here, not at import: its ops pull in torch._dynamo (~2 s), and lite0 and timm need none
+
     net = torchvision.models.get_model(name, weights=None)
     stages, names = split(net)
     return StagedParts(stages, names, stages[-1][-1].in_features, net)

@@ -19,7 +19,6 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import nn
 
 from freezeflow.core.errors import UserError, first_line
@@ -54,6 +53,8 @@ class TorchvisionWeights:
         return None if enum is None else fetch_torchvision_state(self.model_name, enum)
 
     def names(self) -> list[str]:
+        import torchvision  # lazily: see registry.build_torchvision
+
         return [w.name for w in torchvision.models.get_model_weights(self.model_name)]
 
     def to_staged_keys(self, model: StagedNet, original: nn.Module | None, state: State, source: str) -> State:
@@ -104,6 +105,8 @@ def read_weights(name: str, source: WeightsSource, weights: str) -> tuple[State 
 
 def find_weight_enum(name: str, spec: str):
     """The torchvision weights enum member named by spec ("default", "IMAGENET1K_V1", "ResNet18_Weights.X"), or None."""
+    import torchvision
+
     enum_cls = torchvision.models.get_model_weights(name)
     if spec.lower() == "default":
         return enum_cls.DEFAULT
