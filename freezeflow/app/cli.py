@@ -245,13 +245,17 @@ def tune(sets: Optional[List[str]] = typer.Option(None, "--set", "-S", help=SET_
          storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: tune.storage, else sqlite optuna/optuna.db)."),
          study: Optional[str] = typer.Option(None, "--study", help="Study name (default: tune.study_name); other machines join with --study + --storage."),
          gpus: Optional[str] = typer.Option(None, "--gpus", help="Pin worker i to CUDA device gpus[i % n], e.g. 0,1."),
-         n_trials: Optional[int] = typer.Option(None, "--n-trials", help="COMPLETE+PRUNED trials (default: tune.n_trials).")) -> None:
+         n_trials: Optional[int] = typer.Option(None, "--n-trials", help="COMPLETE+PRUNED trials (default: tune.n_trials)."),
+         plan: bool = typer.Option(False, "--plan", help="Print each configuration's predicted cost and the sweep's, run nothing.")) -> None:
     """Optuna sweep over batch size, lr and schedule; writes params/best.yaml and reports/tune.json.
 
     Example: freezeflow tune --workers 2 --storage postgresql+psycopg2://user@db/optuna --study digits-sweep
     """
-    from freezeflow.app.steps import tune_step
+    from freezeflow.app.steps import plan_step, tune_step
 
+    if plan:
+        plan_step(ROOT, "params", list(sets or []), n_trials)
+        return
     tune_step(ROOT, "params", list(sets or []), workers, storage, study, gpus, n_trials)
 
 
@@ -291,7 +295,7 @@ def report(runs: Optional[List[str]] = typer.Argument(None, help="MLflow run ids
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
-    """Benchmarks side by side (suites: recipes, loader, limit, sweep, peers, gpu, quality, retrain, serve); results in bench/results/.
+    """Benchmarks side by side (suites: recipes, loader, limit, sweep, peers, gpu, quality, retrain, serve, overhead); results in bench/results/.
 
     Example: freezeflow bench recipes loader --repeats 3 --epochs 10   (see: python -m bench --help)
     """

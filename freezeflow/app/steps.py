@@ -219,6 +219,20 @@ def export_step(params: Params, root: Path, model_uri: str | None = None, fmt: s
     return {"path": str(path), "parity": parity, "images": int(len(pixels)), "run_id": run_id}
 
 
+def plan_step(root: Path, params_dir: str, overrides: list[str], n_trials: int | None) -> dict:
+    """`freezeflow tune --plan`: each configuration's predicted cost and the sweep's, printed and written to
+    reports/tune_plan.json; nothing trains (the data is prepared, or found prepared, for its split sizes)."""
+    from freezeflow.core.io import write_json_atomic
+    from freezeflow.core.params import load_params
+    from freezeflow.integrations.tune_plan import format_plan, plan_sweep
+
+    params = resolve_data_params(load_params(root / params_dir, overrides), root)
+    plan = plan_sweep(params, prepare_step(params, root), n_trials or params.tune.n_trials)
+    print("\n".join(format_plan(plan)), flush=True)
+    write_json_atomic(root / "reports" / "tune_plan.json", plan)
+    return plan
+
+
 def tune_step(root: Path, params_dir: str, overrides: list[str], workers: int | None, storage: str | None,
               study: str | None, gpus: str | None, n_trials: int | None) -> dict:
     """`freezeflow tune`: run_tune with the terminal's progress bar, then one summary line."""

@@ -63,6 +63,7 @@ from freezeflow.core.train.callbacks import Callback
 from freezeflow.core.train.run import build_trainer
 from freezeflow.core.data.prepare import open_prepared
 from freezeflow.core.layout import Layout, dataset_name, resolve_data_params
+from freezeflow.integrations.tune_plan import log_plan_outcome, plan_sweep
 
 PARENT_ATTR = "mlflow_parent_run_id"
 FINDER_ATTR = "lr_finder"  # study user attr: {"suggestion": lr, ...}, set once by the first prepare_study
@@ -791,6 +792,21 @@ def parse_gpus(gpus: str | None) -> list[str] | None:
     return items
 
 
+def sweep_plan(settings: TuneSettings) -> dict | None:
+    """The sweep's predicted cost (integrations.tune_plan), printed in one line; None, with the reason
+    printed, when it cannot be made (the sweep runs all the same: the plan only describes it)."""
+    root = Path(settings.root)
+    params = resolve_data_params(load_params(settings.params_dir, list(settings.overrides)), root)
+    try:
+        plan = plan_sweep(params, open_prepared(params, Layout(root)), settings.n_trials)
+    except Exception as exc:  # noqa: BLE001 - a calibration problem must not stop the sweep it describes
+        print(f"cost plan skipped: {type(exc).__name__}: {first_line_masked(exc)}", flush=True)
+        return None
+    print(f"predicted: at most {plan['sweep']['total_s']:.1f} s for {settings.n_trials} trials "
+          "(`freezeflow tune --plan` lists each configuration)", flush=True)
+    return plan
+
+
 def run_tune(root: Path | str = ".", params_dir: str | Path = "params", overrides: list[str] | tuple = (),
              workers: int | None = None, storage: str | None = None, study: str | None = None,
              gpus: str | None = None, n_trials: int | None = None, progress: Callable[..., Any] | None = None) -> dict:
@@ -800,12 +816,20 @@ def run_tune(root: Path | str = ".", params_dir: str | Path = "params", override
                        progress=progress)
     print(f"study {settings.study_name} in {mask_url(settings.storage)}: {settings.n_trials} trials, "
           f"{settings.local_workers} worker(s) here", flush=True)
+    plan = sweep_plan(settings)
+    started = time.perf_counter()
     try:
         codes = run_workers(settings, gpu_list)
     except BaseException as exc:  # Ctrl-C, too many failed trials: close the parent run, re-raise
         client = MlflowClient(resolve_tracking_uri(Path(settings.root)))
         client.set_terminated(settings.parent_run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+    measured = time.perf_counter() - started
+    if plan is not None:  # before the parent run ends (summarize_study): predicted vs measured beside the results
+        params = resolve_data_params(load_params(settings.params_dir, list(settings.overrides)), Path(settings.root))
+        log_plan_outcome(MlflowClient(resolve_tracking_uri(Path(settings.root))), settings.parent_run_id, plan,
+                         optuna.load_study(study_name=settings.study_name,
+                                           storage=open_storage(settings.storage, params.tune)), params, measured)
     summary = summarize_study(settings) | {"worker_exit_codes": codes}
     if summary["n_complete"] + summary["n_pruned"] < settings.n_trials:
         raise UserError(f"study {settings.study_name}: {summary['n_complete'] + summary['n_pruned']} of "

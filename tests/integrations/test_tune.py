@@ -238,6 +238,24 @@ def test_trials_share_one_frozen_feature_cache(sweep):
 
 
 @pytest.mark.slow
+def test_plan_predicts_every_configuration_and_runs_nothing(project, capsys):
+    """`freezeflow tune --plan`: a line per (freezing, batch size) of the space, the sweep's bound, the JSON."""
+    from freezeflow.app.steps import plan_step
+
+    overrides = make_project(project, **{"tune.space.freeze.enabled": "true", "tune.space.freeze.until_low": 2,
+                                         "tune.space.freeze.until_high": 3})
+    plan = plan_step(project, "params", overrides, 4)
+    out = capsys.readouterr().out
+    labels = {row["freeze"] for row in plan["configurations"]}
+    assert labels == {"head", "until 2", "until 3"} and "sweep of 4 trials: at most" in out
+    head = [r for r in plan["configurations"] if r["freeze"] == "head"]
+    assert all(r["feature_build_s"] > 0 and r["train_s"] > 0 for r in head)
+    until2 = next(r for r in plan["configurations"] if r["freeze"] == "until 2")
+    assert until2["epoch_s"] > head[0]["epoch_s"]  # more stages train
+    assert json.loads((project / "reports" / "tune_plan.json").read_text())["sweep"] == plan["sweep"]
+    assert not (project / "optuna").exists() and not (project / "mlflow").exists()  # nothing ran
+
+
 def test_mlflow_parent_run_with_one_child_per_trial(sweep):
     root, _, summary = sweep
     client = mlflow_client(root)
@@ -245,6 +263,10 @@ def test_mlflow_parent_run_with_one_child_per_trial(sweep):
     parent_id = study.user_attrs[PARENT_ATTR]
     assert parent_id == summary["mlflow_parent_run_id"]
     parent = client.get_run(parent_id)
+    assert parent.data.metrics["plan_predicted_s"] > 0 and parent.data.metrics["plan_measured_s"] > 0
+    plan = json.loads(Path(client.download_artifacts(parent_id, "reports/plan.json")).read_text())
+    assert sorted(t["number"] for t in plan["outcome"]["trials"]) == sorted(t.number for t in study.trials)
+    assert all(t["predicted_s"] > 0 and t["measured_s"] > 0 for t in plan["outcome"]["trials"])
     assert parent.info.status == "FINISHED" and parent.data.tags["optuna_study"] == "freezeflow"
     plots = {Path(a.path).name for a in client.list_artifacts(parent_id, "plots")}
     assert plots == {"optimization_history.png", "param_importances.png", "parallel_coordinate.png"}

@@ -1,0 +1,123 @@
+"""tune_plan: the sweep's predicted cost, before anything runs (`freezeflow tune --plan`), and afterwards
+predicted against measured on the parent MLflow run.
+
+A configuration is a cut level (how many stages are frozen and cached: `head`, `until` k, or 0 for the
+strategies that train every stage at some point, predicted as `none`: their upper bound) times a batch
+size. Its cost comes from core.train.costs: per-stage FLOPs and one short calibration of this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optuna
+from mlflow.tracking import MlflowClient
+
+from freezeflow.core.data.prepare import Prepared
+from freezeflow.core.models.registry import build_backbone
+from freezeflow.core.models.staged import count_stage_flops
+from freezeflow.core.params import Params
+from freezeflow.core.train.costs import TrialCost, calibrate, predict_cost, predict_sweep
+
+CALIBRATION_BATCH = 32  # at most: a batch the size of training's, capped to keep the calibration short
+
+
+def cut_of(strategy: str, until: int, n_stages: int) -> int:
+    """Stages frozen (and cached) for the whole training: head n-1, until k, the rest 0 (upper bound)."""
+    return {"head": n_stages - 1, "until": until}.get(strategy, 0)
+
+
+def space_cuts(params: Params, n_stages: int) -> list[tuple[str, int]]:
+    """(label, cut) of every freezing the space can draw, or the train params' own when freeze is off."""
+    space, freeze = params.tune.space.freeze, params.train.freeze
+    if not space.enabled:
+        label = freeze.strategy + (f" {freeze.until}" if freeze.strategy == "until" else "")
+        return [(label, cut_of(freeze.strategy, freeze.until, n_stages))]
+    out = []
+    for strategy in space.choices:
+        if strategy == "until":
+            out += [(f"until {k}", k) for k in range(space.until_low, space.until_high + 1)]
+        else:
+            out.append((strategy, cut_of(strategy, 0, n_stages)))
+    return out
+
+
+def space_batches(params: Params, n_train: int) -> list[int]:
+    from freezeflow.integrations.tune import batch_choices
+
+    space = params.tune.space
+    return batch_choices(space, n_train) if space.batch_size.enabled else [params.train.batch_size]
+
+
+def plan_sweep(params: Params, prepared: Prepared, n_trials: int) -> dict[str, Any]:
+    """Every configuration's predicted seconds, and the sweep's (n_trials drawn evenly among them)."""
+    t = params.train
+    model = build_backbone(t.backbone, weights="none", num_classes=len(prepared.classes))  # speed only
+    size = params.data.image_size
+    flops = count_stage_flops(model, size)
+    n_train, n_val = len(prepared.split["train"]), len(prepared.split["val"])
+    calibration = calibrate(model, flops, size, min(CALIBRATION_BATCH, t.batch_size))
+    rows, costs = [], []
+    for label, cut in space_cuts(params, len(model.stages)):
+        for batch in space_batches(params, n_train):
+            cost = predict_cost(flops, cut, batch, n_train, n_val, params.tune.epochs, calibration)
+            costs.append(cost)
+            rows.append({"freeze": label, **cost.to_dict()})
+    return {"backbone": t.backbone, "image_size": size, "images": {"train": n_train, "val": n_val},
+            "epochs": params.tune.epochs, "stage_gflops": [round(f / 1e9, 4) for f in flops],
+            "calibration": calibration.to_dict(), "configurations": rows,
+            "sweep": predict_sweep(costs, n_trials)}
+
+
+def format_plan(plan: dict) -> list[str]:
+    """The plan as lines for the terminal: one per configuration, then the sweep."""
+    lines = [f"{plan['backbone']} at {plan['image_size']} px, {plan['images']['train']} train / "
+             f"{plan['images']['val']} val images, {plan['epochs']} epochs per trial "
+             f"(calibrated in {plan['calibration']['seconds']} s)",
+             f"{'freeze':<12} {'batch':>5} {'feature build s':>16} {'per epoch s':>12} {'trial s':>9}"]
+    for row in plan["configurations"]:
+        lines.append(f"{row['freeze']:<12} {row['batch_size']:>5} {row['feature_build_s']:>16.2f} "
+                     f"{row['epoch_s']:>12.2f} {row['train_s']:>9.2f}")
+    sweep = plan["sweep"]
+    lines.append(f"sweep of {sweep['trials']} trials: at most {sweep['total_s']:.1f} s "
+                 f"({sweep['train_s']:.1f} s training + {sweep['feature_build_s']:.1f} s feature builds, once per "
+                 "cut level; pruned trials stop early)")
+    return lines
+
+
+def trial_prediction(trial: optuna.trial.FrozenTrial, params: Params, plan: dict) -> float | None:
+    """The plan's train_s for the configuration this trial drew (its `train` user attr), if planned."""
+    values = trial.user_attrs.get("train", {})
+    strategy = values.get("freeze.strategy", params.train.freeze.strategy)
+    until = values.get("freeze.until", params.train.freeze.until)
+    batch = values.get("batch_size", params.train.batch_size)
+    label = f"until {until}" if strategy == "until" else strategy
+    for row in plan["configurations"]:
+        if row["freeze"] == label and row["batch_size"] == batch:
+            return row["train_s"]
+    return None
+
+
+def log_plan_outcome(client: MlflowClient, run_id: str, plan: dict, study: optuna.Study, params: Params,
+                     measured_s: float) -> dict:
+    """On the parent run: plan_predicted_s (the trials that ran, plus one feature build per cut level),
+    plan_measured_s (the sweep's wall time here) and plan.json with each trial's predicted vs measured."""
+    trials = []
+    for trial in study.trials:
+        if trial.datetime_start is None or trial.datetime_complete is None:
+            continue
+        trials.append({"number": trial.number, "state": trial.state.name,
+                       "predicted_s": trial_prediction(trial, params, plan),
+                       "measured_s": round((trial.datetime_complete - trial.datetime_start).total_seconds(), 3)})
+    predicted = sum(t["predicted_s"] or 0.0 for t in trials) + plan["sweep"]["feature_build_s"]
+    outcome = {"predicted_s": round(predicted, 2), "measured_s": round(measured_s, 2), "trials": trials}
+    client.log_metric(run_id, "plan_predicted_s", outcome["predicted_s"])
+    client.log_metric(run_id, "plan_measured_s", outcome["measured_s"])
+    with tempfile.TemporaryDirectory(prefix="freezeflow-plan-") as tmp:
+        path = Path(tmp) / "plan.json"
+        path.write_text(json.dumps(plan | {"outcome": outcome}, indent=2))
+        client.log_artifact(run_id, str(path), "reports")
+    return outcome
