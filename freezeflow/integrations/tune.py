@@ -482,6 +482,7 @@ class TrialRunner:
             trial.set_user_attr("pruned_reason", "oom")
             raise optuna.TrialPruned("CUDA out of memory")
         trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("train_time_s", result.train_time_s)  # the rest of the trial's time is fixed cost
         log_totals(self.client, run_id, {"best_val_accuracy": result.best_val_accuracy,
                                          "train_time_s": result.train_time_s,
                                          "feature_builds": float(result.feature_builds)})

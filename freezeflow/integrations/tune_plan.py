@@ -104,18 +104,25 @@ def trial_prediction(trial: optuna.trial.FrozenTrial, params: Params, plan: dict
 def log_plan_outcome(client: MlflowClient, run_id: str, plan: dict, study: optuna.Study, params: Params,
                      measured_s: float) -> dict:
     """On the parent run: plan_predicted_s (the trials that ran, plus one feature build per cut level),
-    plan_measured_s (the sweep's wall time here) and plan.json with each trial's predicted vs measured."""
+    plan_measured_s (the sweep's wall time here), trial_fixed_s_median (a trial's time outside its training
+    loop) and plan.json with each trial's predicted, measured and fixed seconds."""
     trials = []
     for trial in study.trials:
         if trial.datetime_start is None or trial.datetime_complete is None:
             continue
+        measured = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        loop = trial.user_attrs.get("train_time_s")  # completed trials: the training loop's own time
         trials.append({"number": trial.number, "state": trial.state.name,
-                       "predicted_s": trial_prediction(trial, params, plan),
-                       "measured_s": round((trial.datetime_complete - trial.datetime_start).total_seconds(), 3)})
+                       "predicted_s": trial_prediction(trial, params, plan), "measured_s": round(measured, 3),
+                       "fixed_s": round(measured - loop, 3) if loop is not None else None})
     predicted = sum(t["predicted_s"] or 0.0 for t in trials) + plan["sweep"]["feature_build_s"]
-    outcome = {"predicted_s": round(predicted, 2), "measured_s": round(measured_s, 2), "trials": trials}
+    fixed = sorted(t["fixed_s"] for t in trials if t["fixed_s"] is not None)
+    outcome = {"predicted_s": round(predicted, 2), "measured_s": round(measured_s, 2), "trials": trials,
+               "trial_fixed_s_median": fixed[len(fixed) // 2] if fixed else None}
     client.log_metric(run_id, "plan_predicted_s", outcome["predicted_s"])
     client.log_metric(run_id, "plan_measured_s", outcome["measured_s"])
+    if fixed:  # a trial's time outside its training loop: MLflow child run, trainer, feature lookup
+        client.log_metric(run_id, "trial_fixed_s_median", outcome["trial_fixed_s_median"])
     with tempfile.TemporaryDirectory(prefix="freezeflow-plan-") as tmp:
         path = Path(tmp) / "plan.json"
         path.write_text(json.dumps(plan | {"outcome": outcome}, indent=2))

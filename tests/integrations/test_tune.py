@@ -267,6 +267,9 @@ def test_mlflow_parent_run_with_one_child_per_trial(sweep):
     plan = json.loads(Path(client.download_artifacts(parent_id, "reports/plan.json")).read_text())
     assert sorted(t["number"] for t in plan["outcome"]["trials"]) == sorted(t.number for t in study.trials)
     assert all(t["predicted_s"] > 0 and t["measured_s"] > 0 for t in plan["outcome"]["trials"])
+    complete = [t for t in plan["outcome"]["trials"] if t["state"] == "COMPLETE"]
+    assert complete and all(0 < t["fixed_s"] < t["measured_s"] for t in complete)
+    assert parent.data.metrics["trial_fixed_s_median"] == plan["outcome"]["trial_fixed_s_median"]
     assert parent.info.status == "FINISHED" and parent.data.tags["optuna_study"] == "freezeflow"
     plots = {Path(a.path).name for a in client.list_artifacts(parent_id, "plots")}
     assert plots == {"optimization_history.png", "param_importances.png", "parallel_coordinate.png"}
