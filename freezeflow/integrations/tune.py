@@ -423,13 +423,16 @@ class TrialLayout(Layout):
 class TrialRunner:
     """The objective: one trial = a short training in the shared project root, tracked in MLflow."""
 
-    def __init__(self, settings: TuneSettings, params: Params, prepared: Prepared, worker: int, gpu_pinned: bool):
+    def __init__(self, settings: TuneSettings, params: Params, prepared: Prepared, worker: int, gpu_pinned: bool,
+                 lock: StartLock | None = None):
         self.settings, self.params, self.prepared = settings, params, prepared
-        self.worker, self.gpu_pinned = worker, gpu_pinned
+        self.worker, self.gpu_pinned, self.lock = worker, gpu_pinned, lock
         self.root = Path(settings.root)
         self.client = MlflowClient(resolve_tracking_uri(self.root))
 
     def __call__(self, trial: optuna.Trial) -> float:
+        if self.lock is not None:
+            self.lock.release()  # this trial exists now: the next worker may check the budget
         values = suggest_train(trial, self.params.tune.space, self.params.train, len(self.prepared.split["train"]),
                                trial.study.user_attrs.get(FINDER_ATTR))
         trial.set_user_attr("train", values)
@@ -496,10 +499,11 @@ class BudgetGate:
     n_trials COMPLETE + PRUNED trials, and waits (rather than overshoot) while running trials of
     other workers fill the budget. Too many failing trials are a UserError, not an endless loop."""
 
-    def __init__(self, n_trials: int, first_trial: int = 0, progress: Any = None):
+    def __init__(self, n_trials: int, first_trial: int = 0, progress: Any = None, lock: "StartLock | None" = None):
         self.n_trials, self.first_trial = n_trials, first_trial  # failures of earlier runs do not count
         self.max_failures = max(3, n_trials)
         self.progress = progress or TrialLines(n_trials)
+        self.lock = lock or StartLock(None)  # None: a worker alone, nothing to share
 
     def has_room(self, study: optuna.Study) -> bool:
         while True:
@@ -523,9 +527,41 @@ class BudgetGate:
                             f"{failed[-1].user_attrs['error']}; fix the cause and run the same command again")
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.lock.acquire()  # released by the next trial's first line (TrialRunner), or below when none follows
         report_progress(self.progress, study, trial)
         if not self.has_room(study):
             study.stop()
+            self.lock.release()
+
+
+class StartLock:
+    """This machine's workers decide to start a trial one at a time: the lock is held from BudgetGate's
+    check until the trial it allowed exists (TrialRunner releases it first thing), so two workers never
+    both take the budget's last slot. Workers on other machines decide on their own: with a shared
+    storage a sweep can still end one trial over there. No flock (Windows), or no path: no lock."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.handle = path, None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:
+            return
+        if self.path is None:
+            return
+        if self.handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.path, "a")
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self.handle is not None:
+            import fcntl
+
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
 
 
 class TrialLines:
@@ -574,11 +610,16 @@ def run_worker(settings: TuneSettings, index: int = 0, gpu: str | None = None, i
     study = optuna.load_study(study_name=settings.study_name, storage=storage, pruner=make_pruner(params.tune))
     existing = len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(params.tune, index + 1000 * existing)
-    gate = BudgetGate(settings.n_trials, existing, make_progress(settings, in_worker))
-    if gate.has_room(study):
-        study.optimize(TrialRunner(settings, params, prepared, index, gpu is not None), gc_after_trial=True,
-                       callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=DONE), gate],
-                       catch=(Exception,))
+    lock = StartLock(root / "optuna" / f".{settings.study_name}.start.lock")
+    gate = BudgetGate(settings.n_trials, existing, make_progress(settings, in_worker), lock)
+    runner = TrialRunner(settings, params, prepared, index, gpu is not None, lock)
+    lock.acquire()
+    try:
+        if gate.has_room(study):
+            study.optimize(runner, gc_after_trial=True, catch=(Exception,),
+                           callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=DONE), gate])
+    finally:
+        lock.release()
 
 
 def worker_main(settings: TuneSettings, index: int, gpu: str | None) -> None:

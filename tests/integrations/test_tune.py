@@ -287,6 +287,35 @@ def test_mlflow_parent_run_with_one_child_per_trial(sweep):
         assert child.data.params["train.epochs"] == "2" and "train.lr" in child.data.params
 
 
+START_LOCK_PROBE = """
+import fcntl, sys
+with open(sys.argv[1], "a") as handle:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        print("free")
+    except BlockingIOError:
+        print("held")
+"""
+
+
+def test_start_lock_lets_one_worker_at_a_time_check_the_budget(tmp_path):
+    """Held from BudgetGate's check to the trial's first line: another worker's check waits for it."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("fcntl")
+    lock = tune.StartLock(tmp_path / "optuna" / ".study.start.lock")
+    probe = lambda: subprocess.run([sys.executable, "-c", START_LOCK_PROBE, str(lock.path)],  # noqa: E731
+                                   capture_output=True, text=True, check=True).stdout.strip()
+    lock.acquire()
+    lock.acquire()  # held already: a no-op, not a deadlock
+    assert probe() == "held"
+    lock.release()
+    assert probe() == "free"
+    lock.release()  # released already: a no-op
+    tune.StartLock(None).acquire()  # no path: nothing to share
+
+
 @pytest.fixture
 def postgres_url() -> str:
     psycopg2 = pytest.importorskip("psycopg2")
