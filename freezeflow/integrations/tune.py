@@ -63,7 +63,7 @@ from freezeflow.core.train.callbacks import Callback
 from freezeflow.core.train.run import build_trainer
 from freezeflow.core.data.prepare import open_prepared
 from freezeflow.core.layout import Layout, dataset_name, resolve_data_params
-from freezeflow.integrations.tune_plan import log_plan_outcome, plan_sweep
+from freezeflow.integrations.tune_plan import DEFAULT_TRIAL_FIXED_S, FIXED_ATTR, log_plan_outcome, plan_sweep
 
 PARENT_ATTR = "mlflow_parent_run_id"
 FINDER_ATTR = "lr_finder"  # study user attr: {"suggestion": lr, ...}, set once by the first prepare_study
@@ -840,7 +840,9 @@ def sweep_plan(settings: TuneSettings) -> dict | None:
     root = Path(settings.root)
     params = resolve_data_params(load_params(settings.params_dir, list(settings.overrides)), root)
     try:
-        plan = plan_sweep(params, open_prepared(params, Layout(root)), settings.n_trials)
+        study = optuna.load_study(study_name=settings.study_name, storage=open_storage(settings.storage, params.tune))
+        fixed = float(study.user_attrs.get(FIXED_ATTR, DEFAULT_TRIAL_FIXED_S))  # measured by an earlier sweep
+        plan = plan_sweep(params, open_prepared(params, Layout(root)), settings.n_trials, fixed)
     except Exception as exc:  # noqa: BLE001 - a calibration problem must not stop the sweep it describes
         print(f"cost plan skipped: {type(exc).__name__}: {first_line_masked(exc)}", flush=True)
         return None

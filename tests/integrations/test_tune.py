@@ -250,6 +250,7 @@ def test_plan_predicts_every_configuration_and_runs_nothing(project, capsys):
     assert labels == {"head", "until 2", "until 3"} and "sweep of 4 trials: at most" in out
     head = [r for r in plan["configurations"] if r["freeze"] == "head"]
     assert all(r["feature_build_s"] > 0 and r["train_s"] > 0 for r in head)
+    assert all(r["trial_s"] == pytest.approx(r["train_s"] + plan["trial_fixed_s"], abs=0.002) for r in head)
     until2 = next(r for r in plan["configurations"] if r["freeze"] == "until 2")
     assert until2["epoch_s"] > head[0]["epoch_s"]  # more stages train
     assert json.loads((project / "reports" / "tune_plan.json").read_text())["sweep"] == plan["sweep"]
@@ -270,6 +271,7 @@ def test_mlflow_parent_run_with_one_child_per_trial(sweep):
     complete = [t for t in plan["outcome"]["trials"] if t["state"] == "COMPLETE"]
     assert complete and all(0 < t["fixed_s"] < t["measured_s"] for t in complete)
     assert parent.data.metrics["trial_fixed_s_median"] == plan["outcome"]["trial_fixed_s_median"]
+    assert study.user_attrs["trial_fixed_s"] == plan["outcome"]["trial_fixed_s_median"]  # the next plan's
     assert parent.info.status == "FINISHED" and parent.data.tags["optuna_study"] == "freezeflow"
     plots = {Path(a.path).name for a in client.list_artifacts(parent_id, "plots")}
     assert plots == {"optimization_history.png", "param_importances.png", "parallel_coordinate.png"}

@@ -48,14 +48,20 @@ class TrialCost:
     feature_build_s: float
     epoch_s: float
     epochs: int
+    fixed_s: float = 0.0  # a trial's cost outside its training loop (run tracking, building the trainer)
 
     @property
     def train_s(self) -> float:
         return self.epoch_s * self.epochs
 
+    @property
+    def trial_s(self) -> float:
+        return self.train_s + self.fixed_s
+
     def to_dict(self) -> dict:
         return {"cut": self.cut, "batch_size": self.batch_size, "feature_build_s": round(self.feature_build_s, 3),
-                "epoch_s": round(self.epoch_s, 3), "train_s": round(self.train_s, 3)}
+                "epoch_s": round(self.epoch_s, 3), "train_s": round(self.train_s, 3), "fixed_s": round(self.fixed_s, 3),
+                "trial_s": round(self.trial_s, 3)}
 
 
 def best_time(step, repeats: int = CALIBRATION_REPEATS) -> float:
@@ -110,15 +116,15 @@ def step_overhead(steps: int = 20) -> float:
 
 
 def predict_cost(flops: list[int], cut: int, batch_size: int, n_train: int, n_val: int, epochs: int,
-                 calibration: Calibration) -> TrialCost:
+                 calibration: Calibration, fixed_s: float = 0.0) -> TrialCost:
     """One training with stages 0..cut-1 frozen and cached: build their features for train + val once,
-    then per epoch train the stages from `cut` up on n_train images and score n_val."""
+    then per epoch train the stages from `cut` up on n_train images and score n_val; plus `fixed_s`."""
     prefix, rest = sum(flops[:cut]), sum(flops[cut:])
     build = (n_train + n_val) * prefix * calibration.forward_s_per_flop if cut else 0.0
     steps = -(-n_train // batch_size)
     epoch = (n_train * rest * calibration.train_s_per_flop + n_val * rest * calibration.forward_s_per_flop
              + steps * calibration.step_s)
-    return TrialCost(cut, batch_size, build, epoch, epochs)
+    return TrialCost(cut, batch_size, build, epoch, epochs, fixed_s)
 
 
 def predict_sweep(costs: list[TrialCost], n_trials: int) -> dict:
@@ -126,7 +132,7 @@ def predict_sweep(costs: list[TrialCost], n_trials: int) -> dict:
     feature build per cut level (the cache shares it). An upper bound: pruned trials stop early."""
     if not costs:
         return {"trials": n_trials, "train_s": 0.0, "feature_build_s": 0.0, "total_s": 0.0}
-    train = n_trials * sum(c.train_s for c in costs) / len(costs)
+    train = n_trials * sum(c.trial_s for c in costs) / len(costs)
     builds = sum({c.cut: c.feature_build_s for c in costs}.values())
     return {"trials": n_trials, "train_s": round(train, 2), "feature_build_s": round(builds, 2),
             "total_s": round(train + builds, 2)}

@@ -21,13 +21,15 @@ def test_a_cut_pays_its_prefix_once_and_trains_the_rest_every_epoch():
     assert everything.feature_build_s == 0 and everything.epoch_s > cost.epoch_s
     smaller = predict_cost(FLOPS, cut=2, batch_size=5, n_train=50, n_val=20, epochs=4, calibration=CAL)
     assert smaller.epoch_s - cost.epoch_s == pytest.approx(5 * 0.01)  # twice the steps
+    fixed = predict_cost(FLOPS, cut=2, batch_size=10, n_train=50, n_val=20, epochs=4, calibration=CAL, fixed_s=0.5)
+    assert fixed.trial_s == pytest.approx(cost.train_s + 0.5) and cost.trial_s == cost.train_s
 
 
 def test_a_sweep_builds_each_cut_level_once():
     costs = [predict_cost(FLOPS, cut, 10, 50, 20, 2, CAL) for cut in (3, 3, 2)]
     sweep = predict_sweep(costs, n_trials=6)
     assert sweep["feature_build_s"] == pytest.approx(costs[0].feature_build_s + costs[2].feature_build_s, abs=0.01)
-    assert sweep["train_s"] == pytest.approx(6 * sum(c.train_s for c in costs) / 3, abs=0.01)
+    assert sweep["train_s"] == pytest.approx(6 * sum(c.trial_s for c in costs) / 3, abs=0.01)
     assert predict_sweep([], 5)["total_s"] == 0.0
 
 
