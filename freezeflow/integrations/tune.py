@@ -468,7 +468,9 @@ class TrialRunner:
         callbacks = [MlflowCallback(run_id, client=self.client), ReportToTrial(trial, self.params.tune.pruner)]
         trainer, oom = None, False
         try:
-            trainer = build_trainer(params, self.prepared, TrialLayout(self.root, trial_dir), callbacks)
+            # checkpoint=False: a trial is never resumed (a dead worker's trial is retried afresh), so it writes none
+            trainer = build_trainer(params, self.prepared, TrialLayout(self.root, trial_dir), callbacks,
+                                    checkpoint=False)
             warm_feature_cache(trainer, self.root)
             result = trainer.run()
         except Exception as exc:  # noqa: BLE001 - only OOM is handled here, the rest re-raised

