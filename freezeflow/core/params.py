@@ -314,6 +314,8 @@ class TuneParams:
     heartbeat_interval: int = bounded(10, 1, None, "seconds between a running trial's heartbeats")
     grace_period: int = bounded(60, 1, None, "a trial without heartbeat this long failed (its worker died)")
     max_retry: int = bounded(2, 0, None, "retries of a trial whose worker died")
+    fuse: int = bounded(8, 1, 64, "`head` trials that differ only in lr, schedule and weight decay train together "
+                        "as one stacked head, up to this many (1 = each alone)")
     space: SearchSpace = field(default_factory=SearchSpace)
 
 

@@ -34,6 +34,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import typing
 import warnings
@@ -60,6 +61,7 @@ from freezeflow.integrations.tracking import (MlflowCallback, ensure_experiment,
                                  log_totals, resolve_artifact_location, resolve_tracking_uri, start_tags,
                                  tag_quietly)
 from freezeflow.core.train.callbacks import Callback
+from freezeflow.core.train.fused import fuse_key, train_fused
 from freezeflow.core.train.run import build_trainer
 from freezeflow.core.data.prepare import open_prepared
 from freezeflow.core.layout import Layout, dataset_name, resolve_data_params
@@ -409,6 +411,46 @@ def warm_feature_cache(trainer: Any, root: Path) -> None:
     trainer.cache.level(trainer.frozen)
 
 
+def capture(run: Callable[[], float]) -> tuple[str, Any]:
+    """(state, value) of a trial run: its value, or the exception that ended it (already recorded)."""
+    try:
+        return "COMPLETE", run()
+    except optuna.TrialPruned as exc:
+        return "PRUNED", exc
+    except Exception as exc:  # noqa: BLE001 - told to the study as FAIL; the trial's run recorded why
+        return "FAIL", exc
+
+
+class Heartbeats:
+    """Heartbeats of trials this worker asked itself (fused companions): study.optimize beats only for
+    the trial it runs, and a RUNNING trial without heartbeats would never fail if the worker died."""
+
+    def __init__(self, storage: Any, trials: list[optuna.Trial]):
+        enabled = storage is not None and getattr(storage, "get_heartbeat_interval", lambda: None)()
+        self.storage, self.ids = storage, [t._trial_id for t in trials] if enabled else []  # noqa: SLF001
+        self.stop, self.thread = threading.Event(), None
+
+    def beat(self) -> None:
+        interval = self.storage.get_heartbeat_interval()
+        while True:
+            for trial_id in self.ids:
+                with contextlib.suppress(Exception):  # a missed beat is retried next interval
+                    self.storage.record_heartbeat(trial_id)
+            if self.stop.wait(interval):
+                return
+
+    def __enter__(self) -> "Heartbeats":
+        if self.ids:
+            self.thread = threading.Thread(target=self.beat, daemon=True, name="freezeflow-heartbeats")
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
 @dataclass(frozen=True)
 class TrialLayout(Layout):
     """The project's layout, but each trial checkpoints into its own folder (deleted afterwards)."""
@@ -421,22 +463,95 @@ class TrialLayout(Layout):
 
 
 class TrialRunner:
-    """The objective: one trial = a short training in the shared project root, tracked in MLflow."""
+    """The objective: one trial = a short training in the shared project root, tracked in MLflow.
+
+    Fusion (tune.fuse > 1): a `head` trial asks the study for companions while the budget has room,
+    until tune.fuse trials share a fuse key (core.train.fused) or one does not fit. The group trains as
+    one stack; each member is still its own Optuna trial (told here, with heartbeats while it runs) and
+    its own MLflow run. A companion that does not fit runs on its own after the group."""
 
     def __init__(self, settings: TuneSettings, params: Params, prepared: Prepared, worker: int, gpu_pinned: bool,
-                 lock: StartLock | None = None):
+                 lock: StartLock | None = None, progress: Any = None, storage: Any = None):
         self.settings, self.params, self.prepared = settings, params, prepared
         self.worker, self.gpu_pinned, self.lock = worker, gpu_pinned, lock
+        self.progress, self.storage = progress, storage
         self.root = Path(settings.root)
         self.client = MlflowClient(resolve_tracking_uri(self.root))
 
     def __call__(self, trial: optuna.Trial) -> float:
-        if self.lock is not None:
-            self.lock.release()  # this trial exists now: the next worker may check the budget
+        try:
+            values = self.suggest(trial)
+            extra = self.ask_companions(trial, values)
+        finally:
+            if self.lock is not None:
+                self.lock.release()  # this trial (and its companions) exist now: the next worker may check the budget
+        if not extra:
+            return self.run_trial(trial, values)
+        leader: tuple[str, Any] = ("FAIL", RuntimeError("trial did not run"))
+        with Heartbeats(self.storage, [t for t, _ in extra]):
+            for group in self.pack([(trial, values), *extra]):
+                outcomes = self.run_group(group) if len(group) > 1 else \
+                    [capture(lambda: self.run_trial(*group[0]))]
+                for (member, _), outcome in zip(group, outcomes):
+                    if member is trial:
+                        leader = outcome
+                    else:
+                        self.tell(member, outcome)
+        if isinstance(leader[1], BaseException):
+            raise leader[1]
+        return leader[1]
+
+    def pack(self, trials: list[tuple[optuna.Trial, dict]]) -> list[list[tuple[optuna.Trial, dict]]]:
+        """Groups of trials that share a fuse key (the rest one per group), ordered by cut level so that
+        each level's features are built once and then read; the leader's group last, so that
+        study.optimize tells it right after it ran."""
+        groups: dict[Any, list] = {}
+        for index, (trial, values) in enumerate(trials):
+            train = self.trial_params(values).train
+            key = fuse_key(train) or ("alone", index)
+            groups.setdefault(key, []).append((trial, values, train))
+        def order(group: list) -> tuple:
+            train = group[0][2]
+            leads = any(t is trials[0][0] for t, _, _ in group)
+            return leads, STRATEGIES[train.freeze.strategy].uses_cut, train.freeze.until
+        return [[(t, v) for t, v, _ in group] for group in sorted(groups.values(), key=order)]
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         values = suggest_train(trial, self.params.tune.space, self.params.train, len(self.prepared.split["train"]),
                                trial.study.user_attrs.get(FINDER_ATTR))
         trial.set_user_attr("train", values)
         trial.set_user_attr("worker", self.worker)
+        return values
+
+    def ask_companions(self, trial: optuna.Trial, values: dict[str, Any]) -> list[tuple[optuna.Trial, dict]]:
+        """Trials asked with `trial` (a `head` one): while the budget has room, up to tune.fuse in all. Those
+        that share a fuse key train fused (pack); the others run one by one in this objective."""
+        fuse = self.params.tune.fuse
+        key = fuse_key(self.trial_params(values).train) if fuse > 1 else None
+        out: list[tuple[optuna.Trial, dict]] = []
+        if key is None:
+            return out
+        study = trial.study
+        while len(out) < fuse - 1:
+            counts = count_states(study)
+            if counts["COMPLETE"] + counts["PRUNED"] + counts["RUNNING"] >= self.settings.n_trials:
+                break
+            companion = study.ask()
+            companion_values = self.suggest(companion)
+            out.append((companion, companion_values))
+        return out
+
+    def tell(self, trial: optuna.Trial, outcome: tuple[str, Any]) -> None:
+        """Tell the study a companion's outcome (study.optimize tells only the trial it asked)."""
+        state, value = outcome
+        if state == "COMPLETE":
+            frozen = trial.study.tell(trial, value)
+        else:
+            frozen = trial.study.tell(trial, state=TrialState.PRUNED if state == "PRUNED" else TrialState.FAIL)
+        if self.progress is not None:
+            report_progress(self.progress, trial.study, frozen)
+
+    def start_run(self, trial: optuna.Trial, values: dict[str, Any]) -> tuple[Params, str]:
         try:
             params = self.trial_params(values)
             run_id = start_child_run(self.client, self.settings, trial, params, self.worker)
@@ -444,9 +559,16 @@ class TrialRunner:
             trial.set_user_attr("error", f"{type(exc).__name__}: {first_line_masked(exc)}")
             raise
         trial.set_user_attr("mlflow_run_id", run_id)
+        return params, run_id
+
+    def run_trial(self, trial: optuna.Trial, values: dict[str, Any]) -> float:
+        """One trial on its own: its run, its training, its outcome."""
+        started = time.perf_counter()
+        params, run_id = self.start_run(trial, values)
         state, reason = "FAIL", None
         try:
             value = self.train(trial, params, run_id)
+            trial.set_user_attr("ran_s", time.perf_counter() - started)  # its own time (fused: a share)
             state = "COMPLETE"
             return value
         except optuna.TrialPruned:
@@ -458,6 +580,61 @@ class TrialRunner:
             raise
         finally:
             end_child_run(self.client, run_id, state, reason)
+
+    def run_group(self, group: list[tuple[optuna.Trial, dict]]) -> list[tuple[str, Any]]:
+        """Train the group fused; per member (state, value): value is the best val accuracy, or the
+        exception that ended it (TrialPruned, an error)."""
+        numbers = [t.number for t, _ in group]
+        started, runs = time.perf_counter(), []
+        for trial, values in group:
+            trial.set_user_attr("fused_with", numbers)
+            params, run_id = self.start_run(trial, values)
+            tag_quietly(self.client, run_id, "fused_with", ",".join(map(str, numbers)))
+            runs.append((trial, params, run_id))
+        callbacks = [[MlflowCallback(run_id, client=self.client), ReportToTrial(trial, self.params.tune.pruner)]
+                     for trial, _, run_id in runs]
+        trial_dir = self.root / "checkpoints" / "trials" / self.settings.study_name / str(numbers[0])
+        trainer = None
+        try:
+            trainer = build_trainer(runs[0][1], self.prepared, TrialLayout(self.root, trial_dir), [],
+                                    checkpoint=False)
+            outcomes = [o.result if o.error is None else o.error
+                        for o in train_fused(trainer, [p.train for _, p, _ in runs], callbacks)]
+        except Exception as exc:  # noqa: BLE001 - the whole group's end: every member shares it
+            outcomes = [exc] * len(runs)
+        finally:
+            shutil.rmtree(trial_dir, ignore_errors=True)
+        if trainer is not None and trainer.cache is not None:  # the group's builds, on its first member only
+            runs[0][0].set_user_attr("feature_builds", trainer.cache.builds)
+        share = (time.perf_counter() - started) / len(runs)  # each member's part of the group's wall time
+        return [self.finish_member(trial, run_id, outcome, share, len(runs))
+                for (trial, _, run_id), outcome in zip(runs, outcomes)]
+
+    def finish_member(self, trial: optuna.Trial, run_id: str, outcome: Any, share_s: float,
+                      members: int) -> tuple[str, Any]:
+        if isinstance(outcome, BaseException) and is_oom(outcome):
+            trial.set_user_attr("pruned_reason", "oom")
+            outcome = optuna.TrialPruned("CUDA out of memory")
+        if isinstance(outcome, optuna.TrialPruned):
+            end_child_run(self.client, run_id, "PRUNED", trial.user_attrs.get("pruned_reason"))
+            return "PRUNED", outcome
+        if isinstance(outcome, BaseException):
+            reason = f"{type(outcome).__name__}: {first_line_masked(outcome)}"
+            trial.set_user_attr("error", reason)
+            end_child_run(self.client, run_id, "FAIL", reason)
+            return "FAIL", outcome
+        trial.set_user_attr("ran_s", share_s)
+        self.record_result(trial, run_id, outcome, members)
+        end_child_run(self.client, run_id, "COMPLETE")
+        return "COMPLETE", outcome.best_val_accuracy
+
+    def record_result(self, trial: optuna.Trial, run_id: str, result: Any, members: int = 1) -> None:
+        """members: the fused group's size; each member's train time is its share of the group's."""
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("train_time_s", result.train_time_s / members)  # the rest of ran_s is fixed cost
+        log_totals(self.client, run_id, {"best_val_accuracy": result.best_val_accuracy,
+                                         "train_time_s": result.train_time_s / members,
+                                         "feature_builds": float(result.feature_builds)})
 
     def trial_params(self, values: dict[str, Any]) -> Params:
         overrides = [*self.settings.overrides, *trial_overrides(self.params.tune.epochs, values, self.gpu_pinned)]
@@ -486,11 +663,7 @@ class TrialRunner:
             free_memory()
             trial.set_user_attr("pruned_reason", "oom")
             raise optuna.TrialPruned("CUDA out of memory")
-        trial.set_user_attr("best_epoch", result.best_epoch)
-        trial.set_user_attr("train_time_s", result.train_time_s)  # the rest of the trial's time is fixed cost
-        log_totals(self.client, run_id, {"best_val_accuracy": result.best_val_accuracy,
-                                         "train_time_s": result.train_time_s,
-                                         "feature_builds": float(result.feature_builds)})
+        self.record_result(trial, run_id, result)
         return result.best_val_accuracy
 
 
@@ -614,7 +787,7 @@ def run_worker(settings: TuneSettings, index: int = 0, gpu: str | None = None, i
     study.sampler = make_sampler(params.tune, index + 1000 * existing)
     lock = StartLock(root / "optuna" / f".{settings.study_name}.start.lock")
     gate = BudgetGate(settings.n_trials, existing, make_progress(settings, in_worker), lock)
-    runner = TrialRunner(settings, params, prepared, index, gpu is not None, lock)
+    runner = TrialRunner(settings, params, prepared, index, gpu is not None, lock, gate.progress, storage)
     lock.acquire()
     try:
         if gate.has_room(study):

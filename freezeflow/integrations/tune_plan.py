@@ -116,7 +116,9 @@ def log_plan_outcome(client: MlflowClient, run_id: str, plan: dict, study: optun
     for trial in study.trials:
         if trial.datetime_start is None or trial.datetime_complete is None:
             continue
-        measured = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        # ran_s: the trial's own time (a fused member's share of its group's); a companion asked with others
+        # waits for them, so its start-to-complete span is not its cost
+        measured = trial.user_attrs.get("ran_s") or (trial.datetime_complete - trial.datetime_start).total_seconds()
         loop = trial.user_attrs.get("train_time_s")  # completed trials: the training loop's own time
         trials.append({"number": trial.number, "state": trial.state.name,
                        "predicted_s": trial_prediction(trial, params, plan), "measured_s": round(measured, 3),

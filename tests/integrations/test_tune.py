@@ -61,9 +61,10 @@ def mlflow_client(root: Path) -> MlflowClient:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """One 6-trial study, 2 worker processes, default sqlite storage."""
+    """One 6-trial study, 2 worker processes, default sqlite storage; trials one at a time (tune.fuse=1:
+    fused, one worker would take the whole budget; test_fused_head_trials_... covers fusion)."""
     root = tmp_path_factory.mktemp("sweep")
-    overrides = make_project(root)
+    overrides = make_project(root, **{"tune.fuse": 1})
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         started = time.perf_counter()
@@ -170,7 +171,7 @@ def test_cuda_oom_prunes_that_trial_and_the_study_goes_on(project, monkeypatch):
     """Trial 1's first epoch runs out of CUDA memory; the study prunes it (reason oom) and goes on.
     One worker runs in this process (run_workers), so the monkeypatched trainer is the one used."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    overrides = make_project(project, **{"tune.pruner": "none"})
+    overrides = make_project(project, **{"tune.pruner": "none", "tune.fuse": 1})  # the one-trial path
     build_trainer = tune.build_trainer
 
     def build_trainer_oom_in_trial_1(params, prepared, layout, callbacks, **kwargs):
@@ -208,20 +209,24 @@ PRUNER_RUN = {"tune.space.batch_size.enabled": "false", "tune.space.schedule.ena
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pruner, n_good", [
-    ("median", 5),     # MedianPruner: the first 5 trials (n_startup_trials) are never pruned
-    ("hyperband", 2),  # tune.epochs=2: one successive-halving bracket, its rung at epoch 1
-    ("asha", 2),       # rung at epoch 1: of 3 trials there, only the best third (one) goes on
+@pytest.mark.parametrize("pruner, n_good, fuse", [
+    # MedianPruner: the first 5 trials (n_startup_trials) are never pruned, and it compares with complete
+    # trials only: fused, all 6 run at once and none is complete yet, so it runs them one by one
+    ("median", 5, 1),
+    ("hyperband", 2, 8),  # tune.epochs=2: one successive-halving bracket, its rung at epoch 1
+    ("asha", 2, 8),       # rung at epoch 1: of 3 trials there, only the best third (one) goes on; fused
+    ("asha", 2, 1),
 ])
-def test_pruner_stops_a_trial_with_a_bad_lr(project, monkeypatch, pruner, n_good):
+def test_pruner_stops_a_trial_with_a_bad_lr(project, monkeypatch, pruner, n_good, fuse):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    overrides = make_project(project, **PRUNER_RUN, **{"tune.pruner": pruner})
+    overrides = make_project(project, **PRUNER_RUN, **{"tune.pruner": pruner, "tune.fuse": fuse})
     study = tune_enqueued(project, overrides, [0.01] * n_good + [1e-6], f"prune-{pruner}")
     *good, bad = study.trials
     assert [t.state for t in good] == [TrialState.COMPLETE] * n_good
     assert [t.params["lr"] for t in study.trials] == [0.01] * n_good + [1e-6]
     assert bad.state == TrialState.PRUNED and bad.user_attrs["pruned_reason"] == pruner
     assert list(bad.intermediate_values) == [1]  # stopped after its first epoch of two
+    assert (bad.user_attrs.get("fused_with") == [t.number for t in study.trials]) == (fuse > 1)
     assert bad.intermediate_values[1] < min(t.intermediate_values[1] for t in good)
     child = mlflow_client(project).get_run(bad.user_attrs["mlflow_run_id"])
     assert child.info.status == "KILLED" and child.data.tags["pruned_reason"] == pruner
@@ -289,6 +294,42 @@ def test_mlflow_parent_run_with_one_child_per_trial(sweep):
         assert child.data.params["train.epochs"] == "2" and "train.lr" in child.data.params
 
 
+FUSED_TRIALS = [{"lr": 0.01, "schedule": "cosine"}, {"lr": 0.003, "schedule": "constant"},
+                {"lr": 0.03, "schedule": "step", "step_size": 1, "gamma": 0.5}, {"lr": 0.001, "schedule": "cosine"}]
+
+
+@pytest.mark.slow
+def test_fused_head_trials_equal_the_same_trials_one_by_one(project, monkeypatch):
+    """Four enqueued head trials (batch size fixed): fused (one group) and alone give the same values;
+    each fused member is its own Optuna trial and its own MLflow run with per-epoch metrics."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    base = make_project(project, **{"tune.space.batch_size.enabled": "false", "train.batch_size": 8,
+                                    "tune.pruner": "none", "tune.space.schedule.warmup_epochs.high": "0.0"})
+    studies = {}
+    for fuse in (4, 1):
+        overrides = [*base, f"tune.fuse={fuse}"]
+        name = f"fuse-{fuse}"
+        settings = prepare_study(project, "params", overrides, workers=1, study=name, n_trials=len(FUSED_TRIALS))
+        for values in FUSED_TRIALS:
+            open_study(settings.storage, name).enqueue_trial(values)
+        run_tune(project, "params", overrides, workers=1, study=name, n_trials=len(FUSED_TRIALS))
+        studies[fuse] = open_study(settings.storage, name)
+    fused, alone = studies[4].trials, studies[1].trials
+    assert [t.params for t in fused] == [t.params for t in alone]
+    assert [t.state for t in fused] == [TrialState.COMPLETE] * 4
+    assert [t.value for t in fused] == pytest.approx([t.value for t in alone], abs=1e-6)
+    for a, b in zip(fused, alone):
+        assert a.intermediate_values == pytest.approx(b.intermediate_values, abs=1e-6)
+    assert all(t.user_attrs["fused_with"] == [0, 1, 2, 3] for t in fused)
+    assert not any("fused_with" in t.user_attrs for t in alone)
+    client = mlflow_client(project)
+    for trial in fused:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["fused_with"] == "0,1,2,3"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+        assert run.data.params["train.lr"] == str(trial.params["lr"])
+
+
 START_LOCK_PROBE = """
 import fcntl, sys
 with open(sys.argv[1], "a") as handle:
@@ -332,7 +373,7 @@ def postgres_url() -> str:
 @pytest.mark.postgres
 def test_two_workers_share_a_postgres_study(project, postgres_url, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    overrides = make_project(project, **{"tune.pruner": "none"})
+    overrides = make_project(project, **{"tune.pruner": "none", "tune.fuse": 1})  # fused, one worker takes all 4
     name = f"freezeflow-test-{uuid.uuid4().hex[:12]}"
     try:
         summary = run_tune(project, "params", overrides, workers=2, storage=postgres_url, study=name, n_trials=4)

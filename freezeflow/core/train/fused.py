@@ -219,13 +219,15 @@ class FusedHeads:
     # ---- per epoch, per member ---------------------------------------------------------------
     def end_member(self, index: int, error: BaseException | None) -> None:
         m = self.members[index]
-        self.outcomes[index] = MemberOutcome(None if error else self.result_of(m), error)
+        self.outcomes[index] = MemberOutcome(None if error else self.result_of(index), error)
         self.active.remove(index)
 
-    def result_of(self, m: Member) -> TrainResult:
+    def result_of(self, index: int) -> TrainResult:
+        m = self.members[index]
         stopped = len(m.history) < m.params.epochs
+        builds = self.t.cache.builds if index == 0 else 0  # what the group built, counted once
         return TrainResult(m.history, m.best[0], m.best[1], sum(r.epoch_time_s for r in m.history), stopped,
-                           self.t.cache.builds, {"divergence": m.divergence, "fused_with": len(self.members)})
+                           builds, {"divergence": m.divergence, "fused_with": len(self.members)})
 
     def finish_epoch(self, index: int, row: int, values: tuple, seconds: float, wait: float, lrs: list[float]) -> bool:
         """Report member `index`'s epoch (row `row` of this epoch's tensors). True: it goes on."""
