@@ -75,12 +75,13 @@ from freezeflow.core.params import AugmentParams, Params, load_params
 from freezeflow.core.data.prepare import Prepared, load_prepared, prepare_dataset
 from freezeflow.core.train.run import run_training
 
-SUITES = ("recipes", "loader", "limit", "sweep", "peers", "gpu", "quality", "retrain", "serve", "overhead")
+SUITES = ("recipes", "loader", "limit", "sweep", "peers", "gpu", "quality", "retrain", "serve", "overhead",
+          "freezeout")
 # suites in their own modules, imported only when they run: each has check_ready(settings) -> reason to skip
 # or None, run(ctx, pool) -> report body, render(report) -> Markdown lines
 EXTRA_SUITES = {"sweep": "bench.sweep", "peers": "bench.peers", "gpu": "bench.gpu",
                 "quality": "bench.quality", "retrain": "bench.retrain", "serve": "bench.serve",
-                "overhead": "bench.overhead"}
+                "overhead": "bench.overhead", "freezeout": "bench.freezeout"}
 STRATEGIES = ("head", "until", "gradual", "freezeout", "none")  # every core.strategies name, most frozen first
 # --slow-repeats applies to every recipes contender but the head pair (minutes per run on a small CPU)
 SLOW_CONTENDERS = tuple(f"{recipe}-{strategy}" for strategy in ("until", "gradual", "freezeout", "none")

@@ -1,4 +1,4 @@
-"""bench suites `sweep` and `gpu` run end to end with --tiny and write a report of the right shape.
+"""bench suites `sweep`, `freezeout` and `gpu` run end to end with --tiny and write a report of the right shape.
 
 No timing assertions: times on a shared CI machine say nothing. The gpu suite runs its code on the CPU
 (--device cpu), which exists for this test only; without CUDA and without --device cpu it is skipped.
@@ -30,18 +30,30 @@ def test_sweep_suite_runs_every_study_and_the_plain_training(tmp_path):
     assert harness.main(["sweep", "--tiny", "--trials", "2", "--threads", "1", "--out", str(tmp_path)]) == 0
     report = read_report(tmp_path, "sweep")
     rows = {c["name"]: c for c in report["contenders"]}
-    assert list(rows) == ["sweep-on", "sweep-off", "plain-head", "sweep-freeze"]
+    assert list(rows) == ["sweep-on", "sweep-off", "plain-head", "plain-until2", "sweep-head", "sweep-freeze",
+                          "sweep-freeze-off"]
     for row in rows.values():
         assert row["repeats"] == 1 and row["wall_s"]["median"] > 0
         assert 0.0 <= row["best_val_accuracy"] <= 1.0
-    for name in ("sweep-on", "sweep-off", "sweep-freeze"):
-        assert rows[name]["trials"] == 2  # --tiny: the freeze study runs --trials trials, not 20
+    for name in ("sweep-on", "sweep-off", "sweep-head", "sweep-freeze", "sweep-freeze-off"):
+        assert rows[name]["trials"] == 2  # --tiny: the 20-trial studies run --trials trials
         assert rows[name]["complete_runs"][0] + rows[name]["pruned_runs"][0] == 2
         assert rows[name]["failed_runs"] == [0]
     assert "tune.pruner=none" in rows["sweep-off"]["overrides"]
+    assert {"tune.pruner=none", "tune.fuse=1"} <= set(rows["sweep-freeze-off"]["overrides"])
     assert "tune.space.freeze.enabled=true" in rows["sweep-freeze"]["overrides"]
-    assert [t["name"] for t in report["targets"]] == ["sweep on vs off", "2-trial head/until sweep vs one plain "
-                                                      "training"]
+    assert rows["sweep-head"]["fused_trials_runs"][0] >= 0
+    assert [t["name"] for t in report["targets"]] == ["sweep on vs off", "2-trial head/until sweep vs one plain until "
+                                                      "k=2 training", "2 head trials vs one plain head training"]
+
+
+def test_freezeout_suite_compares_each_schedule_with_none(tmp_path):
+    assert harness.main(["freezeout", "--tiny", "--threads", "1", "--out", str(tmp_path)]) == 0
+    report = read_report(tmp_path, "freezeout")
+    assert [c["name"] for c in report["contenders"]] == ["none", "freezeout-t0-0.8", "freezeout-t0-0.5"]
+    assert [c["t0"] for c in report["contenders"]] == [None, 0.8, 0.5]
+    assert all(c["wall_s"]["median"] > 0 and 0 <= c["val_accuracy"] <= 1 for c in report["contenders"])
+    assert [t["name"] for t in report["targets"]] == ["freezeout-t0-0.8 vs none", "freezeout-t0-0.5 vs none"]
 
 
 def test_gpu_suite_runs_its_code_on_the_cpu(tmp_path):

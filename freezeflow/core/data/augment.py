@@ -1,7 +1,9 @@
 """Augmentation on tensors, batched, on whatever device the batch lives on.
 
 One random affine per image does random-resized-crop, horizontal flip and rotation in a single
-`grid_sample`: no PIL, no per-image Python work, so it runs on the GPU when there is one.
+`grid_sample`: no PIL, no per-image Python work, so it runs on the GPU when there is one. Measured on
+one CPU thread at 64 px (bench/README.md): `F.affine_grid` cost as much as the sampling (a (H*W, 3) x
+(3, 2) matmul per image), so the grid is built by broadcasting; reflection padding cost twice zeros.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from freezeflow.core.params import AugmentParams
+
+# 2: zeros padding and the broadcast grid. Part of each cached augmented view's id (feature_store.view_ids),
+# so views computed by an earlier version are never read as this one's
+AUGMENT_VERSION = 2
 
 
 def sample_affine(n: int, params: AugmentParams, generator: torch.Generator) -> torch.Tensor:
@@ -49,8 +55,20 @@ def augment_seeded(x: torch.Tensor, params: AugmentParams, seeds: list[int]) -> 
     return warp_batch(x, theta)
 
 
+def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """F.affine_grid(theta, (B, C, H, W), align_corners=False) by broadcasting: (B, H, W, 2) sampling points."""
+    xs = (torch.arange(width, dtype=theta.dtype, device=theta.device) * 2 + 1) / width - 1  # (W,) pixel centres
+    ys = (torch.arange(height, dtype=theta.dtype, device=theta.device) * 2 + 1) / height - 1  # (H,)
+    grid = torch.empty(theta.shape[0], height, width, 2, dtype=theta.dtype, device=theta.device)
+    for axis in (0, 1):  # x then y: row `axis` of theta applied to (x, y, 1)
+        a, b, c = (theta[:, axis, k].view(-1, 1, 1) for k in range(3))
+        torch.add(a * xs.view(1, 1, -1), b * ys.view(1, -1, 1) + c, out=grid[..., axis])
+    return grid
+
+
 def warp_batch(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """One grid_sample of x (B, C, H, W) through the affine matrices theta (B, 2, 3)."""
+    """One grid_sample of x (B, C, H, W) through the affine matrices theta (B, 2, 3). Points outside the
+    image (rotated corners) read 0, the mean colour once normalized."""
     theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    grid = affine_grid(theta, x.shape[2], x.shape[3])
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -32,19 +32,45 @@ class Batches:
 
 
 def prefetch(batches: Batches, order: np.ndarray, batch_size: int, pin: bool) -> Iterator[torch.Tensor]:
-    """Gather the next batch in a thread while the current one trains (numpy releases the GIL)."""
+    """Gather the next batch in a thread while the current one trains (numpy releases the GIL).
+
+    Close the generator (contextlib.closing) when the consumer may stop early (an OOM, a pruned trial):
+    the thread then stops at its next batch and is joined, rather than waiting forever on a full queue
+    with a pinned batch in hand. An error in the thread is raised in the consumer."""
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     q: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work() -> None:
-        for chunk in chunks:
-            x = batches.take(chunk)
-            q.put((x.pin_memory() if pin else x, chunk))
-        q.put(None)
+        try:
+            for chunk in chunks:
+                x = batches.take(chunk)
+                if not put((x.pin_memory() if pin else x, chunk)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put(exc)
+            return
+        put(None)
 
-    threading.Thread(target=work, daemon=True).start()
-    while (item := q.get()) is not None:
-        yield item
+    thread = threading.Thread(target=work, daemon=True, name="freezeflow-prefetch")
+    thread.start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def train_batches(cache: FeatureCache | None, images: np.ndarray, split: dict[str, np.ndarray], frozen: int,

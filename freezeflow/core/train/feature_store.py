@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from freezeflow.core import chunks
+from freezeflow.core.data.augment import AUGMENT_VERSION
 from freezeflow.core.io import write_json_atomic
 from freezeflow.core.params import AugmentParams
 
@@ -65,7 +66,7 @@ def view_ids(views: int, augment: AugmentParams | None, seed: int) -> list[str]:
     """The views of a train image: `plain`, or one id per augmented view (params and seed hashed in)."""
     if not views or augment is None:
         return ["plain"]
-    tag = hashlib.sha256(json.dumps([asdict(augment), seed]).encode()).hexdigest()[:10]
+    tag = hashlib.sha256(json.dumps([asdict(augment), seed, AUGMENT_VERSION]).encode()).hexdigest()[:10]
     return [f"a{v}-{tag}" for v in range(views)]
 
 

@@ -16,6 +16,7 @@ stack; the others go on. `train_fused` returns one `MemberOutcome` per member, i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -185,24 +186,25 @@ class FusedHeads:
         seen, wait, t_ready = 0, 0.0, time.perf_counter()
         wds = self.wds[self.active]
         self.last_lrs = self.current_lrs(t.step / t.steps_per_epoch)
-        for x_cpu, chunk in prefetch(source, order, p.batch_size, t.device.type == "cuda"):
-            wait += time.perf_counter() - t_ready
-            self.last_lrs = self.current_lrs(t.step / t.steps_per_epoch)
-            lrs = torch.tensor(self.last_lrs, device=t.device)
-            y = t.labels[t.split["train"][chunk]].to(t.device, non_blocking=True)
-            logits = self.logits(t.prepare_input(x_cpu, source.level, aug_gen))
-            losses = self.member_losses(logits, y, p.label_smoothing)
-            for tensor in self.opt.tensors:
-                tensor.grad = None
-            losses.sum().backward()  # member k's rows get only member k's gradient
-            if p.grad_clip:
-                self.clip_gradients(p.grad_clip)
-            self.opt.step(lrs, wds)
-            loss_sum += losses.detach() * len(y)
-            correct += (logits.argmax(2) == y[:, None]).sum(0)
-            seen += len(y)
-            t.step += 1
-            t_ready = time.perf_counter()
+        with contextlib.closing(prefetch(source, order, p.batch_size, t.device.type == "cuda")) as stream:
+            for x_cpu, chunk in stream:
+                wait += time.perf_counter() - t_ready
+                self.last_lrs = self.current_lrs(t.step / t.steps_per_epoch)
+                lrs = torch.tensor(self.last_lrs, device=t.device)
+                y = t.labels[t.split["train"][chunk]].to(t.device, non_blocking=True)
+                logits = self.logits(t.prepare_input(x_cpu, source.level, aug_gen))
+                losses = self.member_losses(logits, y, p.label_smoothing)
+                for tensor in self.opt.tensors:
+                    tensor.grad = None
+                losses.sum().backward()  # member k's rows get only member k's gradient
+                if p.grad_clip:
+                    self.clip_gradients(p.grad_clip)
+                self.opt.step(lrs, wds)
+                loss_sum += losses.detach() * len(y)
+                correct += (logits.argmax(2) == y[:, None]).sum(0)
+                seen += len(y)
+                t.step += 1
+                t_ready = time.perf_counter()
         return loss_sum.cpu() / seen, correct.cpu() / seen, time.perf_counter() - start, wait
 
     @torch.no_grad()
@@ -211,8 +213,9 @@ class FusedHeads:
         t = self.t
         t.model.eval()
         batches = split_batches(t.cache, t.images, t.split, t.frozen, "val")
-        out = [self.logits(t.to_layout(x_cpu.to(t.device).float())).cpu()
-               for x_cpu, _ in prefetch(batches, np.arange(len(batches.rows)), VAL_BATCH, t.device.type == "cuda")]
+        with contextlib.closing(prefetch(batches, np.arange(len(batches.rows)), VAL_BATCH,
+                                         t.device.type == "cuda")) as stream:
+            out = [self.logits(t.to_layout(x_cpu.to(t.device).float())).cpu() for x_cpu, _ in stream]
         logits, y = torch.cat(out), t.labels[t.split["val"]]
         return self.member_losses(logits, y, 0.0), (logits.argmax(2) == y[:, None]).float().mean(0)
 

@@ -7,6 +7,7 @@ on CPU. Logging, progress bars, Optuna and MLflow plug in through `callbacks`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -227,23 +228,29 @@ class Trainer:
         n = len(self.split["train"])
         order = torch.randperm(n, generator=gen).numpy()[: self.steps_per_epoch * self.params.batch_size]
         order = distributed.shard_order(order, self.params.batch_size, self.world)  # this rank's slices
-        loss_sum = correct = seen = 0.0
-        wait, t_ready = 0.0, time.perf_counter()
+        # on the device: a .item() per step would wait for the GPU every step; read once per epoch
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen, wait, t_ready = 0, 0.0, time.perf_counter()
         local_batch = self.params.batch_size // self.world.size
-        for x_cpu, chunk in prefetch(source, order, local_batch, self.device.type == "cuda"):
-            wait += time.perf_counter() - t_ready
-            if self.plan.updates_every_step:
-                self.update_freezing(self.step / self.total_steps)
-            self.set_lrs(self.step / self.steps_per_epoch)
-            y = self.labels[self.split["train"][chunk]].to(self.device, non_blocking=True)
-            loss, hits = self.train_step(self.prepare_input(x_cpu, source.level, aug_gen), source.level, y)
-            loss_sum, correct, seen = loss_sum + loss * len(y), correct + hits, seen + len(y)
-            self.step += 1
-            t_ready = time.perf_counter()
-        loss_sum, correct, seen = distributed.sum_values([loss_sum, correct, seen])
+        with contextlib.closing(prefetch(source, order, local_batch, self.device.type == "cuda")) as stream:
+            for x_cpu, chunk in stream:  # an exception here (OOM, pruned) stops and joins the prefetch thread
+                wait += time.perf_counter() - t_ready
+                if self.plan.updates_every_step:
+                    self.update_freezing(self.step / self.total_steps)
+                self.set_lrs(self.step / self.steps_per_epoch)
+                y = self.labels[self.split["train"][chunk]].to(self.device, non_blocking=True)
+                loss, hits = self.train_step(self.prepare_input(x_cpu, source.level, aug_gen), source.level, y)
+                loss_sum += loss * len(y)
+                correct += hits
+                seen += len(y)
+                self.step += 1
+                t_ready = time.perf_counter()
+        loss_sum, correct, seen = distributed.sum_values([loss_sum.item(), float(correct.item()), float(seen)])
         return loss_sum / seen, correct / seen, time.perf_counter() - start, wait
 
-    def train_step(self, x: torch.Tensor, level: int, y: torch.Tensor) -> tuple[float, int]:
+    def train_step(self, x: torch.Tensor, level: int, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step. Returns (loss, correct predictions) as 0-d tensors on the device (no sync)."""
         logits = self.forward(x, level)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.params.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
@@ -254,7 +261,7 @@ class Trainer:
                                            self.params.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.item(), int((logits.argmax(1) == y).sum())
+        return loss.detach(), (logits.argmax(1) == y).sum()
 
     @torch.no_grad()
     def predict_split_logits(self, name: str) -> torch.Tensor:
@@ -262,10 +269,12 @@ class Trainer:
         self.model.eval()
         batches = split_batches(self.cache, self.images, self.split, self.frozen, name)
         level, out = batches.level, []
-        for x_cpu, _ in prefetch(batches, np.arange(len(batches.rows)), 512, self.device.type == "cuda"):
-            x = self.to_layout(x_cpu.to(self.device).float() if level else self.normalize(x_cpu.to(self.device)))
-            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                out.append(self.model.forward_from(x, level).float().cpu())
+        with contextlib.closing(prefetch(batches, np.arange(len(batches.rows)), 512,
+                                         self.device.type == "cuda")) as stream:
+            for x_cpu, _ in stream:
+                x = self.to_layout(x_cpu.to(self.device).float() if level else self.normalize(x_cpu.to(self.device)))
+                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                    out.append(self.model.forward_from(x, level).float().cpu())
         return torch.cat(out)
 
     def validate(self) -> tuple[float, float]:

@@ -112,3 +112,16 @@ def test_affine_stays_inside_the_image_and_flips_when_asked():
     assert ((sy + theta[:, 1, 2].abs()) <= 1 + 1e-6).all()
     flipped = (theta[:, 0, 0] < 0).float().mean()
     assert 0.4 < flipped < 0.6
+
+
+def test_the_broadcast_affine_grid_equals_torch_affine_grid():
+    """augment.affine_grid replaces F.affine_grid (as costly as the sampling on a CPU): the same points."""
+    import torch.nn.functional as F
+
+    from freezeflow.core.data.augment import affine_grid, sample_affine
+    from freezeflow.core.params import AugmentParams
+
+    theta = sample_affine(5, AugmentParams(enabled=True, rotate=30.0), torch.Generator().manual_seed(3))
+    for height, width in ((64, 64), (32, 48)):
+        torch.testing.assert_close(affine_grid(theta, height, width),
+                                   F.affine_grid(theta, [5, 3, height, width], align_corners=False))
