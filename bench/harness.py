@@ -71,6 +71,7 @@ from freezeflow.core.models.staged import count_stage_flops
 from freezeflow.core.train.batches import Batches, prefetch
 from freezeflow.core.data.preprocess import normalize_batch
 from freezeflow.core.train.freezing import FreezePlan
+from freezeflow.core.train.loop import peak_cuda_mb
 from freezeflow.core.params import AugmentParams, Params, load_params
 from freezeflow.core.data.prepare import Prepared, load_prepared, prepare_dataset
 from freezeflow.core.train.run import run_training
@@ -323,8 +324,8 @@ def run_contender(spec: dict) -> dict:
     result["baseline_rss_mb"] = baseline  # after importing torch, before any work
     result["torch_threads"] = torch.get_num_threads()
     result["peak_rss_mb"] = read_peak_rss_mb()
-    result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() \
-        else None
+    peak = peak_cuda_mb()  # the device the contender used, not only the current one
+    result["peak_gpu_mb"] = round(peak, 1) if peak is not None else None
     return result
 
 

@@ -374,8 +374,10 @@ def peak_memory() -> dict[str, float]:
         out["peak_rss_mb"] = rss / (1024 * 1024 if sys.platform == "darwin" else 1024)
     except ImportError:  # Windows
         pass
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    from freezeflow.core.train.loop import peak_cuda_mb
+
+    if (peak := peak_cuda_mb()) is not None:
+        out["cuda_peak_mb"] = peak
     return out
 
 

@@ -778,7 +778,7 @@ def run_worker(settings: TuneSettings, index: int = 0, gpu: str | None = None, i
     root = Path(settings.root)
     params = load_params(settings.params_dir, list(settings.overrides))
     prepared = open_prepared(params, Layout(root))  # a cache hit: the coordinator prepared the data
-    if gpu is None and settings.local_workers > 1:
+    if settings.local_workers > 1:  # GPU workers too: their input threads share this machine's cores
         torch.set_num_threads(max(1, torch.get_num_threads() // settings.local_workers))
     storage = open_storage(settings.storage, params.tune,
                            StaleTrialHandler(params.tune.max_retry, resolve_tracking_uri(root)))
@@ -1006,7 +1006,19 @@ def parse_gpus(gpus: str | None) -> list[str] | None:
     if any(int(item) >= count for item in items):
         raise UserError(f"--gpus: {gpus!r} is not allowed; allowed: device numbers below {count} (the CUDA devices "
                         "visible here)" if count else f"--gpus: {gpus!r} asked for, but no CUDA device is available")
-    return items
+    return physical_gpus(items, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def physical_gpus(items: list[str], visible: str | None) -> list[str]:
+    """--gpus numbers count the devices visible here; a worker's CUDA_VISIBLE_DEVICES needs the entries they
+    stand for. Under SLURM or Kubernetes (CUDA_VISIBLE_DEVICES=4,5), --gpus 0,1 means devices 4 and 5."""
+    entries = [entry.strip() for entry in (visible or "").split(",") if entry.strip()]
+    if not entries:
+        return items
+    if any(int(item) >= len(entries) for item in items):
+        raise UserError(f"--gpus: {','.join(items)} is not allowed; allowed: numbers below {len(entries)} "
+                        f"(CUDA_VISIBLE_DEVICES={visible})")
+    return [entries[int(item)] for item in items]
 
 
 def sweep_plan(settings: TuneSettings) -> dict | None:

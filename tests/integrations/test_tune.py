@@ -422,3 +422,14 @@ def test_gpus_are_checked_and_a_worker_sees_only_its_own(monkeypatch):
     assert queue.get(timeout=120) == "1"
     child.join(timeout=60)
     assert child.exitcode == 0
+
+
+def test_gpu_numbers_map_through_an_existing_visible_devices_list():
+    """Under SLURM or Kubernetes (CUDA_VISIBLE_DEVICES=4,5) --gpus 0,1 pins workers to devices 4 and 5."""
+    from freezeflow.integrations.tune import physical_gpus
+
+    assert physical_gpus(["0", "1"], None) == ["0", "1"] and physical_gpus(["1"], "") == ["1"]
+    assert physical_gpus(["0", "1"], "4,5") == ["4", "5"]
+    assert physical_gpus(["1"], "GPU-aaa, GPU-bbb") == ["GPU-bbb"]
+    with pytest.raises(UserError, match="allowed: numbers below 2"):
+        physical_gpus(["2"], "4,5")

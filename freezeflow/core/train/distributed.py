@@ -70,6 +70,10 @@ def current() -> World:
 def init_distributed(device: str = "auto", timeout_min: int = 60) -> World:
     """Join the process group torchrun set up (no-op for a single process or when joined already)."""
     world = read_world()
+    if world.enabled and device.startswith("cuda:"):
+        raise UserError(f"params/train.yaml: device: {device!r} would put every torchrun rank on that one GPU; "
+                        "allowed under torchrun: auto or cuda (rank r uses GPU LOCAL_RANK r; choose the GPUs "
+                        "with CUDA_VISIBLE_DEVICES)")
     if not world.enabled or (dist.is_available() and dist.is_initialized()):
         return current()
     use_cuda = torch.cuda.is_available() and device != "cpu"

@@ -51,6 +51,15 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def peak_cuda_mb() -> float | None:
+    """Peak CUDA allocation of this process in MB on the device it used: the largest over the visible
+    devices (training on cuda:1 allocates nothing on cuda:0, which max_memory_allocated() reads). None
+    without CUDA."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
+
+
 def resolve_amp(spec: str, device: torch.device) -> torch.dtype | None:
     """Mixed precision only on GPU: bf16 where supported (no loss scaling needed), else fp16."""
     if device.type != "cuda" or spec == "off":
@@ -131,9 +140,26 @@ class Trainer:
                                   self.world, data.digests) if self.use_cache(params) else None
         if self.cache is not None:
             self.cache.progress = self.callbacks.on_feature_progress
-        if params.compile:
-            for stage in self.model.stages:
-                stage.compile()
+        self.compiled: set[int] = set()
+        self.compile_trainable()
+
+    def compile_trainable(self) -> None:
+        """compile: true compiles each stage when it becomes trainable (frozen ones run once, for the cache,
+        or without autograd). Every stage's forward is one code object to dynamo, so its recompile limit
+        must cover a graph per stage and batch shape (train, val, val's last), not the default 8."""
+        if not self.params.compile:
+            return
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+        setattr(config, name, max(getattr(config, name), 8 * len(self.model.stages)))
+        for i in range(self.frozen, len(self.model.stages)):
+            if i not in self.compiled:
+                # static shapes: the train batch is fixed (the last partial batch is dropped), val adds one or
+                # two more; dynamic ones fail in inductor on the TF "same" padding of EfficientNet-Lite
+                self.model.stages[i].compile(dynamic=False)
+                self.compiled.add(i)
 
     def adapt_statistics(self, root: Path | None) -> None:
         """AdaBN: the body's BatchNorm statistics from the train images (one pass, before any
@@ -176,6 +202,7 @@ class Trainer:
                 self.net = self.wrap_trainable()
             sync_optimizer(self.optimizer, self.model, self.params.lr, self.plan, frozen)
             set_train_mode(self.model, frozen, self.params.bn)
+            self.compile_trainable()
         if self.cache is not None:
             self.cache.mark_trained(frozen)
 

@@ -142,3 +142,15 @@ def test_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path, project):
     a, b = load_trusted(straight / "models" / "model.pt"), load_trusted(project / "models" / "model.pt")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_fixed_cuda_device_under_torchrun_is_refused(monkeypatch):
+    """device: cuda:1 under torchrun would put every rank on GPU 1: refused before any group is joined."""
+    from freezeflow.core.errors import UserError
+    from freezeflow.core.train.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match="device: 'cuda:1' would put every torchrun rank on that one GPU"):
+        init_distributed("cuda:1")

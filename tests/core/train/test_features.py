@@ -148,3 +148,28 @@ def test_cache_auto_trains_like_cache_off(project, shapes_dir, tmp_path):
     assert (auto["val_accuracy"], auto["test_accuracy"]) == (off["val_accuracy"], off["test_accuracy"])
     for key, value in off_model.items():
         torch.testing.assert_close(auto_model[key], value, rtol=1e-3, atol=1e-4, msg=lambda m: f"{key}: {m}")
+
+
+def test_features_that_overflow_fp16_are_refused_in_one_line():
+    """fp16 holds at most 65504: a level whose features exceed it must not be cached as inf."""
+    from freezeflow.core.errors import UserError
+    from freezeflow.core.train.features import HalfRows
+
+    rows = HalfRows((1, 2, 3), torch.device("cpu"))
+    rows.put((0, slice(0, 1)), torch.full((1, 3), 1.5))
+    rows.put((0, slice(1, 2)), torch.tensor([[1.0, 2.0, 3.0]]))
+    np.testing.assert_array_equal(rows.result(4), np.array([[[1.5] * 3, [1.0, 2.0, 3.0]]], dtype=np.float16))
+    rows.put((0, slice(1, 2)), torch.full((1, 3), 1e6))
+    with pytest.raises(UserError, match="features at level 4 overflow fp16"):
+        rows.result(4)
+
+
+def test_a_folded_prefix_says_so_and_matches_the_original():
+    from freezeflow.core.train.features import make_inference_prefix
+
+    model = build_backbone("efficientnet_lite0", "default", num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    prefix = make_inference_prefix(list(model.stages[:3]), x)
+    assert prefix.bn_folded is True
+    expected = torch.nn.Sequential(*model.stages[:3])(x)
+    torch.testing.assert_close(prefix(x.contiguous(memory_format=torch.channels_last)), expected, rtol=1e-3, atol=1e-3)
