@@ -426,7 +426,7 @@ class Heartbeats:
     the trial it runs, and a RUNNING trial without heartbeats would never fail if the worker died."""
 
     def __init__(self, storage: Any, trials: list[optuna.Trial]):
-        enabled = storage is not None and getattr(storage, "get_heartbeat_interval", lambda: None)()
+        enabled = storage is not None and storage.get_heartbeat_interval()
         self.storage, self.ids = storage, [t._trial_id for t in trials] if enabled else []  # noqa: SLF001
         self.stop, self.thread = threading.Event(), None
 
@@ -465,10 +465,10 @@ class TrialLayout(Layout):
 class TrialRunner:
     """The objective: one trial = a short training in the shared project root, tracked in MLflow.
 
-    Fusion (tune.fuse > 1): a `head` trial asks the study for companions while the budget has room,
-    until tune.fuse trials share a fuse key (core.train.fused) or one does not fit. The group trains as
-    one stack; each member is still its own Optuna trial (told here, with heartbeats while it runs) and
-    its own MLflow run. A companion that does not fit runs on its own after the group."""
+    Fusion (tune.fuse > 1): a `head` trial asks the study for up to tune.fuse - 1 companions while the budget
+    has room. Those that share a fuse key (core.train.fused) train as one stack, the others one by one, all
+    in this objective; each is still its own Optuna trial (told here, with heartbeats while it waits or
+    runs) and its own MLflow run."""
 
     def __init__(self, settings: TuneSettings, params: Params, prepared: Prepared, worker: int, gpu_pinned: bool,
                  lock: StartLock | None = None, progress: Any = None, storage: Any = None):
@@ -480,16 +480,16 @@ class TrialRunner:
 
     def __call__(self, trial: optuna.Trial) -> float:
         try:
-            values = self.suggest(trial)
-            extra = self.ask_companions(trial, values)
+            params = self.suggest(trial)
+            extra = self.ask_companions(trial, params)
         finally:
             if self.lock is not None:
                 self.lock.release()  # this trial (and its companions) exist now: the next worker may check the budget
         if not extra:
-            return self.run_trial(trial, values)
+            return self.run_trial(trial, params)
         leader: tuple[str, Any] = ("FAIL", RuntimeError("trial did not run"))
         with Heartbeats(self.storage, [t for t, _ in extra]):
-            for group in self.pack([(trial, values), *extra]):
+            for group in self.pack([(trial, params), *extra]):
                 outcomes = self.run_group(group) if len(group) > 1 else \
                     [capture(lambda: self.run_trial(*group[0]))]
                 for (member, _), outcome in zip(group, outcomes):
@@ -501,35 +501,39 @@ class TrialRunner:
             raise leader[1]
         return leader[1]
 
-    def pack(self, trials: list[tuple[optuna.Trial, dict]]) -> list[list[tuple[optuna.Trial, dict]]]:
+    def pack(self, trials: list[tuple[optuna.Trial, Params]]) -> list[list[tuple[optuna.Trial, Params]]]:
         """Groups of trials that share a fuse key (the rest one per group), ordered by cut level so that
         each level's features are built once and then read; the leader's group last, so that
         study.optimize tells it right after it ran."""
         groups: dict[Any, list] = {}
-        for index, (trial, values) in enumerate(trials):
-            train = self.trial_params(values).train
-            key = fuse_key(train) or ("alone", index)
-            groups.setdefault(key, []).append((trial, values, train))
-        def order(group: list) -> tuple:
-            train = group[0][2]
-            leads = any(t is trials[0][0] for t, _, _ in group)
-            return leads, STRATEGIES[train.freeze.strategy].uses_cut, train.freeze.until
-        return [[(t, v) for t, v, _ in group] for group in sorted(groups.values(), key=order)]
+        for index, (trial, params) in enumerate(trials):
+            groups.setdefault(fuse_key(params.train) or ("alone", index), []).append((trial, params))
 
-    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        def order(group: list) -> tuple:
+            train = group[0][1].train
+            leads = any(t is trials[0][0] for t, _ in group)
+            return leads, STRATEGIES[train.freeze.strategy].uses_cut, train.freeze.until
+        return sorted(groups.values(), key=order)
+
+    def suggest(self, trial: optuna.Trial) -> Params:
+        """The trial's sampled train keys (user attr `train`) and the params they make."""
         values = suggest_train(trial, self.params.tune.space, self.params.train, len(self.prepared.split["train"]),
                                trial.study.user_attrs.get(FINDER_ATTR))
         trial.set_user_attr("train", values)
         trial.set_user_attr("worker", self.worker)
-        return values
+        try:
+            return self.trial_params(values)
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {first_line_masked(exc)}")
+            raise
 
-    def ask_companions(self, trial: optuna.Trial, values: dict[str, Any]) -> list[tuple[optuna.Trial, dict]]:
+    def ask_companions(self, trial: optuna.Trial, params: Params) -> list[tuple[optuna.Trial, Params]]:
         """Trials asked with `trial` (a `head` one): while the budget has room, up to tune.fuse in all. Those
-        that share a fuse key train fused (pack); the others run one by one in this objective."""
+        that share a fuse key train fused (pack); the others run one by one in this objective. A companion
+        whose params cannot be built is told FAIL at once (no heartbeat would ever fail it)."""
         fuse = self.params.tune.fuse
-        key = fuse_key(self.trial_params(values).train) if fuse > 1 else None
-        out: list[tuple[optuna.Trial, dict]] = []
-        if key is None:
+        out: list[tuple[optuna.Trial, Params]] = []
+        if fuse < 2 or fuse_key(params.train) is None:
             return out
         study = trial.study
         while len(out) < fuse - 1:
@@ -537,8 +541,11 @@ class TrialRunner:
             if counts["COMPLETE"] + counts["PRUNED"] + counts["RUNNING"] >= self.settings.n_trials:
                 break
             companion = study.ask()
-            companion_values = self.suggest(companion)
-            out.append((companion, companion_values))
+            try:
+                out.append((companion, self.suggest(companion)))
+            except Exception as exc:  # noqa: BLE001 - that trial's failure, recorded in its error attr
+                self.tell(companion, ("FAIL", exc))
+                break
         return out
 
     def tell(self, trial: optuna.Trial, outcome: tuple[str, Any]) -> None:
@@ -551,20 +558,19 @@ class TrialRunner:
         if self.progress is not None:
             report_progress(self.progress, trial.study, frozen)
 
-    def start_run(self, trial: optuna.Trial, values: dict[str, Any]) -> tuple[Params, str]:
+    def start_run(self, trial: optuna.Trial, params: Params) -> str:
         try:
-            params = self.trial_params(values)
             run_id = start_child_run(self.client, self.settings, trial, params, self.worker)
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {first_line_masked(exc)}")
             raise
         trial.set_user_attr("mlflow_run_id", run_id)
-        return params, run_id
+        return run_id
 
-    def run_trial(self, trial: optuna.Trial, values: dict[str, Any]) -> float:
+    def run_trial(self, trial: optuna.Trial, params: Params) -> float:
         """One trial on its own: its run, its training, its outcome."""
         started = time.perf_counter()
-        params, run_id = self.start_run(trial, values)
+        run_id = self.start_run(trial, params)
         state, reason = "FAIL", None
         try:
             value = self.train(trial, params, run_id)
@@ -581,14 +587,14 @@ class TrialRunner:
         finally:
             end_child_run(self.client, run_id, state, reason)
 
-    def run_group(self, group: list[tuple[optuna.Trial, dict]]) -> list[tuple[str, Any]]:
+    def run_group(self, group: list[tuple[optuna.Trial, Params]]) -> list[tuple[str, Any]]:
         """Train the group fused; per member (state, value): value is the best val accuracy, or the
         exception that ended it (TrialPruned, an error)."""
         numbers = [t.number for t, _ in group]
         started, runs = time.perf_counter(), []
-        for trial, values in group:
+        for trial, params in group:
             trial.set_user_attr("fused_with", numbers)
-            params, run_id = self.start_run(trial, values)
+            run_id = self.start_run(trial, params)
             tag_quietly(self.client, run_id, "fused_with", ",".join(map(str, numbers)))
             runs.append((trial, params, run_id))
         callbacks = [[MlflowCallback(run_id, client=self.client), ReportToTrial(trial, self.params.tune.pruner)]

@@ -3,7 +3,7 @@ one. Each batch of cached features is read and pooled once, one (B, F) x (F, K*C
 member's logits, and one vectorized AdamW (or SGD) step updates the stacked (K, C, F) head weights with
 each member's own lr and weight decay.
 
-Why it equals K separate runs (tests/test_fused.py checks it against `Trainer`): every member starts
+Why it equals K separate runs (tests/core/train/test_fused.py checks it against `Trainer`): every member starts
 from the same head (`build_trainer` seeds its init with train.seed), sees the same batches in the same
 order (the order generator is seeded per epoch by train.seed) and the same dropout mask (one draw per
 step from the global generator, seeded per epoch). What differs per member is elementwise maths on its
@@ -110,11 +110,10 @@ class StackedOptimizer:
             denom = (v.sqrt() / math.sqrt(1 - b2 ** self.steps)).add_(self.eps)
             p.sub_((lr / (1 - b1 ** self.steps)) * m / denom)
 
-    def keep(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """Only these members' rows go on (tensors and state); returns the new leaf tensors."""
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only these members' rows go on (tensors, as new leaves, and their state)."""
         self.tensors = [p.detach()[rows].clone().requires_grad_(True) for p in self.tensors]
         self.state = [[s[rows].clone() for s in state] for state in self.state]
-        return self.tensors
 
 
 class FusedHeads:
@@ -185,7 +184,6 @@ class FusedHeads:
         correct = torch.zeros(k, device=t.device)
         seen, wait, t_ready = 0, 0.0, time.perf_counter()
         wds = self.wds[self.active]
-        self.last_lrs = self.current_lrs(t.step / t.steps_per_epoch)
         with contextlib.closing(prefetch(source, order, p.batch_size, t.device.type == "cuda")) as stream:
             for x_cpu, chunk in stream:
                 wait += time.perf_counter() - t_ready
@@ -221,7 +219,6 @@ class FusedHeads:
 
     # ---- per epoch, per member ---------------------------------------------------------------
     def end_member(self, index: int, error: BaseException | None) -> None:
-        m = self.members[index]
         self.outcomes[index] = MemberOutcome(None if error else self.result_of(index), error)
         self.active.remove(index)
 
